@@ -1,0 +1,496 @@
+"""make_data.py: expert trajectories -> one JSONL record per agent step, in train / id_test / ood_test.
+
+Runs the expert of each environment (envs.py) on its tasks and writes, per env and split,
+<out>/<env>_<split>.jsonl with one record per expert step, plus <out>/meta.json (arguments,
+counts, seconds, versions). The same --seed writes byte-identical files.
+
+One record (one line per field):
+    "id":          "alfworld/train/pick_and_place_simple-3/trial_0/step002"   stable, unique
+    "env":         "alfworld"                     alfworld | scienceworld | bfcl
+    "task_type":   "pick_and_place_simple"        ALFWorld type, ScienceWorld task, BFCL category
+    "split":       "train"                        train | id_test | ood_test
+    "task_id":     "alfworld/train/pick_and_place_simple-3/trial_0"   the episode
+    "step":        2                              index of this step in the episode
+    "messages":    [{"role": "system", ...}, {"role": "user", ...}, ...]   the prompt (steps.build_messages)
+    "thought":     "I see a mug 1 here. Taking it is the next step toward the goal."
+    "action":      "take mug 1 from cabinet 2"    the expert action
+    "candidates":  ["go to cabinet 1", ...]       valid actions at this step incl. the reference (null for BFCL)
+    "task":        "put some mug on shelf."       the goal text
+    "thought_kind": "take"                        which situation the reasoning was written for
+
+Reasoning: written from the state by data/templates/thoughts.json. Each step's situation (searching,
+opening, taking, carrying to a tool, using it, placing, ...) is read off the goal, what is held, what
+is done and what the next expert actions do; one of several wordings is drawn with a seeded RNG and
+filled with the object, the likely places (ALFWorld's own table of what can hold what, restricted
+to the receptacles in the room), the tool and the goal. The action string itself never appears.
+
+ALFWorld games: generated offline by alfgen.py (planner-solved, walkthrough stored in the file),
+or the real dataset with --alfworld-data DIR (DIR/json_2.1.1/<split>/<task>/trial_*/game.tw-pddl).
+
+Also imports public ETO / AgentGym conversations ({"conversations": [{"from": "human"|"gpt", "value"}]})
+into the same record format with --import-eto FILE.
+
+    python make_data.py --env all --out data/generated
+    python make_data.py --env alfworld,bfcl --alfworld-train-per-type 2 --alfworld-test-per-type 1 --bfcl-train 10 --bfcl-test 5 --out /tmp/d
+    python make_data.py --import-eto alfworld_sft.json --import-env alfworld --import-split train --out data/generated
+"""
+import argparse
+import json
+import multiprocessing
+import os
+import random
+import re
+import shutil
+import sys
+import time
+
+from tqdm import tqdm
+
+import envs
+import steps
+
+parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+# what to build
+parser.add_argument("--env", default="all", help="comma list of alfworld, scienceworld, bfcl, or 'all'")
+parser.add_argument("--out", default="data/generated", help="output folder for <env>_<split>.jsonl and meta.json")
+parser.add_argument("--seed", type=int, default=0, help="seeds game generation, task sampling and thought wording")
+parser.add_argument("--history", type=int, default=4, help="past (action, observation) exchanges kept in each prompt")
+parser.add_argument("--max-candidates", type=int, default=20, help="ScienceWorld: valid actions kept per step (incl. the reference); ALFWorld keeps all")
+# ALFWorld
+parser.add_argument("--alfworld-data", default=None, help="real ALFWorld folder (holding json_2.1.1/); default: generate games offline")
+parser.add_argument("--alfworld-train-per-type", type=int, default=10, help="train games per in-domain task type")
+parser.add_argument("--alfworld-test-per-type", type=int, default=4, help="id_test games per in-domain type and ood_test games per held-out type")
+parser.add_argument("--alfworld-plan-timeout", type=float, default=60.0, help="seconds the planner may take per generated game before it is redrawn")
+# ScienceWorld
+parser.add_argument("--sciworld-train-per-task", type=int, default=1, help="train variations per in-domain task (20 tasks)")
+parser.add_argument("--sciworld-test-per-task", type=int, default=1, help="test variations per task (id_test: 20 tasks, ood_test: 10)")
+parser.add_argument("--sciworld-max-gold", type=int, default=60, help="skip variations whose gold path is longer than this many steps")
+# BFCL
+parser.add_argument("--bfcl-train", type=int, default=200, help="train items (sampled from the in-domain categories)")
+parser.add_argument("--bfcl-test", type=int, default=50, help="items per test split")
+# import
+parser.add_argument("--import-eto", default=None, help="convert an ETO/AgentGym conversation file (JSON list or JSONL) instead of running experts")
+parser.add_argument("--import-env", default="alfworld", help="environment name recorded on imported steps")
+parser.add_argument("--import-split", default="train", help="split recorded on imported steps")
+args = parser.parse_args()
+
+THOUGHTS = steps.load_template("thoughts.json")
+
+
+def article(word):
+    return ("an " if word[:1] in "aeiou" else "a ") + word
+
+
+def plural(noun):
+    if noun.endswith("f"):
+        return noun[:-1] + "ves"
+    return noun + ("es" if noun.endswith(("s", "x", "sh", "ch")) else "s")
+
+
+def draw(rng, kind, table, **fields):
+    text = rng.choice(table[kind]).format(**fields)
+    return text
+
+
+# ----------------------------------------------------------------------------- ALFWorld thoughts
+
+def alfworld_goal(task):
+    for pattern, kind in THOUGHTS["alfworld"]["goal_patterns"]:
+        m = re.match(pattern, task.strip().rstrip("."))
+        if m:
+            return kind, m.group("obj"), m.group("recep")
+    raise steps.DataError(f"ALFWorld goal not understood: {task!r}")
+
+
+def room_receptacles(first_obs):
+    """['cabinet 1', 'countertop 2', ...] from 'you see a cabinet 1, a countertop 2, and a fridge 1.'"""
+    m = re.search(r"you see (.*?)\.\s*\n", first_obs + "\n")
+    return re.findall(r"(?:an?|the) ([a-z]+ \d+)", m.group(1)) if m else []
+
+
+def likely_places(obj, receptacles, first, rng):
+    import alfworld.gen.constants as C
+    lower = {r.lower(): r for r in C.VAL_RECEPTACLE_OBJECTS}
+    otype = C.OBJECTS_LOWER_TO_UPPER.get(obj.replace(" ", ""), obj)
+    kinds = sorted({r.split()[0] for r in receptacles
+                    if otype in C.VAL_RECEPTACLE_OBJECTS.get(lower.get(r.split()[0], ""), ())})
+    rng.shuffle(kinds)
+    first_kind = first.split()[0]
+    kinds = [first_kind] + [k for k in kinds if k != first_kind]
+    kinds = kinds[:3]
+    names = [plural(k) for k in kinds]
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
+
+
+def alfworld_thoughts(task, first_obs, plan, rng):
+    """One thought (and its situation) per expert action of an ALFWorld episode."""
+    table = THOUGHTS["alfworld"]
+    kind, obj, recep = alfworld_goal(task)
+    recs = room_receptacles(first_obs)
+    holding, transformed, placed, lamp_on = False, False, 0, False
+    out = []
+    for t, action in enumerate(plan):
+        nxt = plan[t + 1] if t + 1 < len(plan) else ""
+        words = action.split()
+        target = " ".join(words[2:4]) if action.startswith("go to") else ""
+        f = dict(obj=obj, a_obj=article(obj), A_obj=article(obj).capitalize(), recep=article(recep), target=target,
+                 Target=target.capitalize(), lamp=recep if kind == "look" else "desklamp",
+                 likely_lamp="a desk or a side table")
+        if kind in table["tool_state"]:
+            state, tool, gerund = table["tool_state"][kind]
+            f.update(state=state, tool=tool, gerund=gerund)
+        f["ready"] = f" (now {f['state']})" if transformed and kind in table["tool_state"] else ""
+        if action.startswith("go to"):
+            if nxt.startswith("use "):
+                situation = "to_lamp" if holding else "search"
+            elif not holding:
+                situation = "search_second" if placed else "search"
+            elif re.match(r"(heat|cool|clean) ", nxt):
+                situation = "to_tool"
+            elif nxt.startswith(("move ", "put ")):
+                situation = "to_goal"
+            else:
+                situation = "other"
+            if situation in ("search", "search_second"):
+                f["likely"] = likely_places(obj, recs, target, rng)
+        elif action.startswith("open "):
+            situation, f["target"] = "open", " ".join(words[1:3])
+        elif action.startswith("take "):
+            situation = "take_under_lamp" if lamp_on else ("take_second" if placed else "take")
+            f["target"] = action.split(" from ")[-1]
+            holding = True
+        elif re.match(r"(heat|cool|clean) ", action):
+            situation, transformed = "use_tool", True
+        elif action.startswith(("move ", "put ")):
+            situation = "place_first" if kind == "two" and placed == 0 else "place"
+            f["target"] = re.split(r" to | in | on ", action)[-1]
+            holding, transformed, placed = False, False, placed + 1
+        elif action.startswith("use "):
+            situation, lamp_on = "use_lamp", True
+        else:
+            situation = "other"
+        out.append((draw(rng, situation, table, **f), situation))
+    return out
+
+
+# ----------------------------------------------------------------------------- ScienceWorld thoughts
+
+SCIWORLD_VERBS = [  # (regex on the action, situation); first match wins
+    (r"^open door to (?P<x>.+)$", "open door"), (r"^(?:go|teleport) to (?P<x>.+)$", "go to"),
+    (r"^open (?P<x>.+)$", "open"), (r"^close (?P<x>.+)$", "close"),
+    (r"^pick up (?P<x>.+)$", "pick up"), (r"^focus on (?P<x>.+)$", "focus on"),
+    (r"^move (?P<x>.+?) to (?P<y>.+)$", "move"), (r"^pour (?P<x>.+?) (?:into|in|to) (?P<y>.+)$", "pour"),
+    (r"^deactivate (?P<x>.+)$", "deactivate"), (r"^activate (?P<x>.+)$", "activate"),
+    (r"^use (?P<x>.+?) on (?P<y>.+)$", "use"), (r"^look at (?P<x>.+)$", "look at"),
+    (r"^look around$", "look around"), (r"^wait\d*$", "wait"),
+    (r"^connect (?P<x>.+?) to (?P<y>.+)$", "connect"), (r"^disconnect (?P<x>.+)$", "disconnect"),
+    (r"^mix (?P<x>.+)$", "mix"), (r"^read (?P<x>.+)$", "read"), (r"^put down (?P<x>.+)$", "put down"),
+    (r"^eat (?P<x>.+)$", "eat"), (r"^flush (?P<x>.+)$", "flush"), (r"^examine (?P<x>.+)$", "examine"),
+]
+
+
+def sciworld_goal(task):
+    first = task.strip().split(". ")[0].rstrip(".")
+    return re.sub(r"^your task is to ", "", first, flags=re.I)
+
+
+def sciworld_thought(task, action, rng):
+    table = THOUGHTS["scienceworld"]
+    for pattern, situation in SCIWORLD_VERBS:
+        m = re.match(pattern, action.strip())
+        if m:
+            fields = {"x": "", "y": "", **{k: v for k, v in m.groupdict().items() if v}, "goal": sciworld_goal(task)}
+            return draw(rng, situation, table, **fields), situation
+    return draw(rng, "other", table, goal=sciworld_goal(task), x="", y=""), "other"
+
+
+# ----------------------------------------------------------------------------- BFCL thoughts
+
+def bfcl_thought(task, rng):
+    table = THOUGHTS["bfcl"]
+    names = [next(iter(c)) for c in task["ground_truth"]]
+    funcs = {f["name"]: f for f in task["functions"]}
+    if len(names) == 1:
+        fn = funcs.get(names[0], {"description": "", "parameters": {}})
+        desc = fn.get("description", "").strip() or "it matches what is asked."
+        desc = desc if desc.endswith(".") else desc + "."
+        short = desc.split(". ")[0].rstrip(".")
+        short = short[:1].lower() + short[1:]
+        req = fn.get("parameters", {}).get("required", [])
+        return draw(rng, "single", table, fname=names[0], desc=desc, desc_short=short,
+                    required=", ".join(req) if req else "no required arguments"), "single"
+    unique = sorted(set(names), key=names.index)
+    listed = ", ".join(f"{n} x{names.count(n)}" if names.count(n) > 1 else n for n in unique)
+    return draw(rng, "multi", table, n=len(names), fnames=listed), "multi"
+
+
+# ----------------------------------------------------------------------------- episodes -> records
+
+def episode_records(task, env, rng, max_plan=None):
+    """Run the expert on one task; its step records, None if the expert did not win, or
+    "too long" if its plan has more than max_plan steps."""
+    obs, info = env.reset(task)
+    plan = env.expert_plan()
+    if max_plan is not None and len(plan) > max_plan:
+        return "too long"
+    goal = info["task"]
+    if task["env"] == "alfworld":
+        thoughts = alfworld_thoughts(goal, obs, plan, rng)
+    elif task["env"] == "scienceworld":
+        thoughts = [sciworld_thought(goal, a, rng) for a in plan]
+    else:
+        thoughts = [bfcl_thought(task, rng)]
+    observations, records, won = [obs], [], False
+    for t, action in enumerate(plan):
+        cands = env.valid_actions()
+        if cands is not None:
+            others = sorted(set(cands) - {action})
+            if task["env"] == "scienceworld" and len(others) > args.max_candidates - 1:
+                others = sorted(rng.sample(others, args.max_candidates - 1))
+            cands = sorted(others + [action])
+        messages = steps.build_messages(task["env"], goal, observations, plan[:t], args.history, info.get("functions"))
+        thought, situation = thoughts[t]
+        records.append({"id": f"{task['id']}/step{t:03d}", "env": task["env"], "task_type": task["task_type"],
+                        "split": task["split"], "task_id": task["id"], "step": t, "messages": messages,
+                        "thought": thought, "action": action, "candidates": cands, "task": goal,
+                        "thought_kind": situation})
+        obs, _, done, step_info = env.step(action)
+        observations.append(obs)
+        won = step_info["won"]
+        if done:
+            break
+    return records if won else None
+
+
+# ----------------------------------------------------------------------------- ALFWorld game generation
+
+def _plan_worker(path, queue):
+    env = envs.AlfWorld()
+    try:
+        env.reset({"game": path})
+        queue.put(env.expert_plan())
+    finally:
+        env.close()
+
+
+def plan_game(path, timeout):
+    """The planner's action list for a game, or None if it takes longer than timeout seconds."""
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_plan_worker, args=(path, queue), daemon=True)
+    proc.start()
+    try:
+        return queue.get(timeout=timeout)
+    except Exception:  # queue.Empty on timeout, or the worker died
+        return None
+    finally:
+        proc.kill()
+        proc.join()
+
+
+def generate_alfworld_games(folder, seed):
+    import alfgen
+    plan = [(split, tt, n) for tt in alfgen.TASK_TYPES
+            for split, n in ([("ood_test", args.alfworld_test_per_type)] if tt in envs.ALFWORLD_OOD else
+                             [("train", args.alfworld_train_per_type), ("id_test", args.alfworld_test_per_type)])]
+    tmp = folder + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    redrawn = 0
+    bar = tqdm(total=sum(n for *_, n in plan), desc="alfworld games", unit="game")
+    for split, tt, n in plan:
+        made, draw_idx = 0, 0
+        while made < n:
+            name = f"{tt}-{draw_idx}"
+            rng = random.Random(f"{seed}/{split}/{name}")
+            draw_idx += 1
+            game = alfgen.make_game(rng, tt, name.replace("-", "_"))
+            path = os.path.join(tmp, split, name, "trial_0", "game.tw-pddl")
+            os.makedirs(os.path.dirname(path))
+            with open(path, "w") as f:
+                json.dump(game, f)
+            walkthrough = plan_game(path, args.alfworld_plan_timeout)
+            if not walkthrough:
+                shutil.rmtree(os.path.dirname(os.path.dirname(path)))
+                redrawn += 1
+                continue
+            game["walkthrough"] = walkthrough
+            with open(path, "w") as f:
+                json.dump(game, f)
+            made += 1
+            bar.update()
+    bar.close()
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+    return redrawn
+
+
+def pick(tasks, split, per_key, key, rng):
+    """Up to per_key tasks of each key (task type) from one split, in a seeded order."""
+    chosen = []
+    for k in sorted({key(t) for t in tasks if t["split"] == split}):
+        group = [t for t in tasks if t["split"] == split and key(t) == k]
+        rng.shuffle(group)
+        chosen += group[:per_key]
+    return chosen
+
+
+def build_env(name, rng, meta):
+    """All step records of one environment, keyed by split."""
+    if name == "alfworld":
+        if args.alfworld_data:
+            root = os.path.join(args.alfworld_data, "json_2.1.1")
+            root = root if os.path.isdir(root) else args.alfworld_data
+            all_tasks = envs.alfworld_tasks(root)
+        else:
+            games = os.path.join(args.out, "alfworld_games")
+            t0 = time.time()
+            meta["alfworld_games_redrawn"] = generate_alfworld_games(games, args.seed)
+            meta["alfworld_generation_seconds"] = round(time.time() - t0, 1)
+            all_tasks = envs.alfworld_tasks(games)
+        tasks = (pick(all_tasks, "train", args.alfworld_train_per_type, lambda t: t["task_type"], rng)
+                 + pick(all_tasks, "id_test", args.alfworld_test_per_type, lambda t: t["task_type"], rng)
+                 + pick(all_tasks, "ood_test", args.alfworld_test_per_type, lambda t: t["task_type"], rng))
+    elif name == "scienceworld":
+        with envs.ScienceWorld() as env:
+            all_tasks = envs.sciworld_tasks(env)
+        # More candidates than needed: variations whose gold path is too long are skipped at rollout.
+        tasks = (pick(all_tasks, "train", 4 * args.sciworld_train_per_task, lambda t: t["task_type"], rng)
+                 + pick(all_tasks, "id_test", 4 * args.sciworld_test_per_task, lambda t: t["task_type"], rng)
+                 + pick(all_tasks, "ood_test", 4 * args.sciworld_test_per_task, lambda t: t["task_type"], rng))
+    else:
+        all_tasks = envs.bfcl_tasks()
+        tasks = []
+        for split, n in (("train", args.bfcl_train), ("id_test", args.bfcl_test), ("ood_test", args.bfcl_test)):
+            group = [t for t in all_tasks if t["split"] == split]
+            rng.shuffle(group)
+            tasks += group[:n * 2]  # extra: items whose ground truth fails BFCL's own checker are dropped
+
+    want = {"train": args.sciworld_train_per_task, "id_test": args.sciworld_test_per_task,
+            "ood_test": args.sciworld_test_per_task}
+    bfcl_want = {"train": args.bfcl_train, "id_test": args.bfcl_test, "ood_test": args.bfcl_test}
+    by_split = {s: [] for s in steps.SPLITS}
+    done_count, failed, skipped = {}, 0, 0
+    t0 = time.time()
+    n_steps = 0
+    with envs.make_env(name) as env:
+        for task in tqdm(tasks, desc=f"{name} experts", unit="ep"):
+            key = (task["split"], task["task_type"]) if name == "scienceworld" else task["split"]
+            limit = want[task["split"]] if name == "scienceworld" else (bfcl_want[task["split"]] if name == "bfcl" else None)
+            if limit is not None and done_count.get(key, 0) >= limit:
+                continue
+            max_plan = args.sciworld_max_gold if name == "scienceworld" else None
+            records = episode_records(task, env, random.Random(f"{args.seed}/{task['id']}"), max_plan)
+            if records == "too long":
+                skipped += 1
+                continue
+            if records is None:
+                failed += 1
+                continue
+            done_count[key] = done_count.get(key, 0) + 1
+            n_steps += len(records)
+            by_split[task["split"]] += records
+    seconds = time.time() - t0
+    meta[name] = {"episodes": {s: len({r["task_id"] for r in recs}) for s, recs in by_split.items()},
+                  "steps": {s: len(recs) for s, recs in by_split.items()},
+                  "expert_failed": failed, "skipped_long_gold": skipped,
+                  "expert_seconds": round(seconds, 1), "expert_steps_per_second": round(n_steps / max(seconds, 1e-9), 1)}
+    return by_split
+
+
+# ----------------------------------------------------------------------------- ETO / AgentGym import
+
+def import_conversations(path):
+    """ETO/AgentGym SFT files: a JSON list (or JSONL) of {"id", "conversations": [{"from", "value"}]}."""
+    with open(path) as f:
+        text = f.read()
+    try:
+        items = json.loads(text)
+        items = items if isinstance(items, list) else [items]
+        where = [f"{path}: item {i + 1}" for i in range(len(items))]
+    except json.JSONDecodeError:
+        items, where = [], []
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    items.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise steps.DataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+                where.append(f"{path}:{lineno}")
+    records = []
+    for item, loc in zip(items, where):
+        conv = item.get("conversations") if isinstance(item, dict) else None
+        if not isinstance(conv, list) or not conv:
+            raise steps.DataError(f"{loc}: missing field 'conversations' (a list of {{from, value}} turns)")
+        for j, turn in enumerate(conv):
+            if not isinstance(turn, dict) or turn.get("from") not in ("human", "gpt") or not isinstance(turn.get("value"), str):
+                raise steps.DataError(f"{loc}: conversations[{j}] needs 'from' (human|gpt) and a string 'value'")
+        # The first human turn carries the instruction and task; a bare 'OK' reply from gpt follows in ETO.
+        humans, gpts = [], []
+        for turn in conv:
+            (humans if turn["from"] == "human" else gpts).append(turn["value"])
+        if gpts and steps.parse_response(gpts[0])[1] is None:
+            gpts = gpts[1:]
+            humans = [humans[0] + "\n\n" + humans[1]] + humans[2:] if len(humans) > 1 else humans
+        episode = str(item.get("id", loc))
+        observations, actions = [humans[0]], []
+        for t, reply in enumerate(gpts):
+            thought, action = steps.parse_response(reply)
+            if action is None or not thought:
+                raise steps.DataError(f"{loc}: gpt turn {t + 1} has no 'Thought:' and 'Action:' lines")
+            messages = steps.build_messages(args.import_env, "", observations, actions, args.history)
+            messages[1]["content"] = messages[1]["content"].removeprefix("Task: \n")
+            records.append({"id": f"import/{episode}/step{t:03d}", "env": args.import_env,
+                            "task_type": str(item.get("task_type", episode.split("_")[0])),
+                            "split": args.import_split, "task_id": f"import/{episode}", "step": t,
+                            "messages": messages, "thought": thought, "action": action, "candidates": None,
+                            "task": "", "thought_kind": "imported"})
+            actions.append(action)
+            if t + 1 < len(humans):
+                observations.append(humans[t + 1])
+            else:
+                break
+    return records
+
+
+def versions():
+    import importlib.metadata as md
+    return {p: md.version(p) for p in ("alfworld", "textworld", "scienceworld", "bfcl-eval")}
+
+
+def main():
+    meta = {"args": vars(args), "versions": versions(), "python": sys.version.split()[0]}
+    if args.import_eto:
+        if args.import_split not in steps.SPLITS:
+            sys.exit(f"error: --import-split {args.import_split!r} is not one of {', '.join(steps.SPLITS)}")
+        records = import_conversations(args.import_eto)
+        name = os.path.splitext(os.path.basename(args.import_eto))[0]
+        out = os.path.join(args.out, f"import_{name}_{args.import_split}.jsonl")
+        steps.write_jsonl_atomic(out, records)
+        print(f"imported {len(records)} steps from {args.import_eto} -> {out}")
+        return
+    names = list(steps.ENVS) if args.env == "all" else args.env.split(",")
+    for name in names:
+        if name not in steps.ENVS:
+            sys.exit(f"error: unknown environment {name!r} in --env; expected {', '.join(steps.ENVS)} or all")
+    t0 = time.time()
+    for name in names:
+        by_split = build_env(name, random.Random(f"{args.seed}/{name}"), meta)
+        for split, records in by_split.items():
+            steps.write_jsonl_atomic(os.path.join(args.out, f"{name}_{split}.jsonl"), records)
+        print(f"{name}: " + ", ".join(f"{s} {meta[name]['episodes'][s]} episodes / {meta[name]['steps'][s]} steps"
+                                       for s in steps.SPLITS) + f" ({meta[name]['expert_steps_per_second']} expert steps/s)")
+    meta["seconds"] = round(time.time() - t0, 1)
+    # Timings vary run to run; keep them out of the byte-identical data, in their own file.
+    timing_keys = [k for k in meta if k.endswith("_seconds") or k == "seconds"]
+    steps.write_json_atomic(os.path.join(args.out, "timing.json"),
+                            {**{k: meta.pop(k) for k in timing_keys},
+                             **{n: {k: meta[n].pop(k) for k in ("expert_seconds", "expert_steps_per_second")} for n in names}})
+    steps.write_json_atomic(os.path.join(args.out, "meta.json"), meta)
+    print(f"make_data done: {', '.join(names)} -> {args.out} in {time.time() - t0:.0f}s")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (steps.DataError, envs.EnvError) as e:
+        sys.exit(f"error: {e}")
