@@ -28,3 +28,21 @@ def small_data(tmp_path_factory):
         run("make_data.py", "--env", "alfworld,bfcl", "--seed", "3", "--out", str(out), *SMALL)
         outs.append(out)
     return outs
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """A random 2-layer Llama (hidden 64) with SmolLM2's real tokenizer and chat template."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import lm
+    tok = lm.load_tokenizer(lm.resolve_model(lm.EMBEDDED))
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    folder = tmp_path_factory.mktemp("tiny_model")
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)

@@ -1,0 +1,312 @@
+"""train.py: LoRA SFT on CoT agent steps, with reduced action supervision (--mask-action-frac).
+
+Reads step JSONL (make_data.py), one example per record: prompt = the chat messages in the model's
+own template, response = "Thought: ...\\nAction: ..." + end of turn; loss only on the response.
+A fraction k of examples, drawn by random.Random(seed) alone, has the loss on its final action
+tokens masked (thought, action tag and end of turn stay supervised). k=0 is plain CoT SFT;
+--no-cot trains on "Action: ..." alone.
+
+Writes <out>/checkpoint-<step:06d>/ every --save-every steps and at the end: a PEFT adapter
+(adapter_config.json + adapter_model.safetensors, loadable with PeftModel.from_pretrained), the
+tokenizer, meta.json and the training state for --resume. Names sort in training order. Also
+<out>/metrics.jsonl, one line per --log-every steps:
+    {"step": 10, "epoch": 0, "loss": 1.23, "action_loss": 0.8, "thought_loss": 1.4, "tokens_per_s": 950.0, "lr": 0.0002}
+
+    python train.py --mask-action-frac 0.3
+    python train.py --data 'data/generated/*_train.jsonl' --max-steps 20 --batch-size 4 --out runs/tiny
+"""
+import argparse
+import glob
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+
+parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+# data
+parser.add_argument("--data", nargs="+", default=["data/generated/*_train.jsonl"], help="step JSONL files or globs (sorted)")
+parser.add_argument("--max-examples", type=int, default=0, help="use only the first N examples after a seeded shuffle (0 = all)")
+parser.add_argument("--max-len", type=int, default=1024, help="tokens per example; longer examples are an error")
+# objective
+parser.add_argument("--mask-action-frac", type=float, default=0.0, help="fraction k in [0, 1] of examples whose action tokens get no loss")
+parser.add_argument("--no-cot", action="store_true", help="action-only SFT baseline (response = 'Action: ...')")
+# model
+parser.add_argument("--model", default="smollm2-135m", help="hub id, local folder, or smollm2-135m (the embedded SmolLM2-135M-Instruct)")
+parser.add_argument("--full-finetune", action="store_true", help="train all weights instead of LoRA")
+parser.add_argument("--lora-r", type=int, default=16, help="LoRA rank")
+parser.add_argument("--lora-alpha", type=int, default=32, help="LoRA alpha (scale = alpha / r)")
+parser.add_argument("--lora-dropout", type=float, default=0.05, help="LoRA dropout probability")
+parser.add_argument("--target-modules", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+                    help="comma list of module names LoRA adapts (Llama/Qwen/Mistral naming)")
+# optimisation
+parser.add_argument("--epochs", type=float, default=1.0, help="passes over the data (ignored if --max-steps > 0)")
+parser.add_argument("--max-steps", type=int, default=0, help="optimizer steps (0 = from --epochs)")
+parser.add_argument("--batch-size", type=int, default=8, help="examples per optimizer step")
+parser.add_argument("--micro-batch-tokens", type=int, default=4096, help="padded tokens per forward pass (gradient accumulation splits a batch)")
+parser.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (LoRA); use ~1e-5 for --full-finetune")
+parser.add_argument("--warmup-frac", type=float, default=0.05, help="linear warmup as a fraction of all steps, then cosine to 0")
+parser.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+parser.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0 = off)")
+parser.add_argument("--seed", type=int, default=0, help="seeds masking choice, data order, LoRA init, dropout")
+# output
+parser.add_argument("--out", default="runs/k{k}_seed{seed}", help="run folder ({k} and {seed} are filled in)")
+parser.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0 = only at the end)")
+parser.add_argument("--log-every", type=int, default=5, help="log line + metrics.jsonl every N steps")
+parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+parser.add_argument("--stop-at-step", type=int, default=0, help="exit after saving this step, as if killed (for tests and preemptible jobs)")
+parser.add_argument("--device", default="auto", help="auto (cuda+bf16 if present, else cpu+fp32), cpu, cuda, cuda:1")
+parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+args = parser.parse_args()
+
+import torch  # noqa: E402  (after argparse so --help is instant)
+from tqdm import tqdm  # noqa: E402
+
+import lm  # noqa: E402
+import steps  # noqa: E402
+
+
+def fail(msg):
+    sys.exit(f"error: {msg}")
+
+
+def load_examples(tok):
+    """Token ids, labels and kinds of every record; which ones are masked comes from their own RNG."""
+    files = sorted({f for pattern in args.data for f in (sorted(glob.glob(pattern)) or [pattern])})
+    records = []
+    for path in files:
+        if not os.path.exists(path):
+            fail(f"data file not found: {path}")
+        records += steps.read_steps(path)
+    if not records:
+        fail(f"no training records in {', '.join(files)}")
+    data_rng = random.Random(args.seed)
+    if args.max_examples:
+        data_rng.shuffle(records)
+        records = records[:args.max_examples]
+    # Exactly round(k * n) examples are masked, chosen by a generator used for nothing else.
+    n_mask = round(args.mask_action_frac * len(records))
+    masked = set(random.Random(f"mask/{args.seed}").sample(range(len(records)), n_mask))
+    examples = []
+    for i, rec in enumerate(tqdm(records, desc="tokenize", unit="ex", leave=False)):
+        ids, labels, kinds = lm.encode_step(tok, rec, mask_action=i in masked, no_cot=args.no_cot)
+        if len(ids) > args.max_len:
+            fail(f"record {rec['id']}: {len(ids)} tokens is more than --max-len {args.max_len}")
+        examples.append({"ids": ids, "labels": labels, "kinds": kinds, "masked": i in masked})
+    hashes = {}
+    for path in files:
+        with open(path, "rb") as f:
+            hashes[path] = hashlib.sha256(f.read()).hexdigest()
+    return examples, hashes
+
+
+def epoch_batches(examples, epoch):
+    """Batches of one epoch: a seeded shuffle, then length-grouped within windows of 50 batches,
+    so a batch pads little while the order stays random. Same (seed, epoch) -> same batches."""
+    rng = random.Random(f"order/{args.seed}/{epoch}")
+    idx = list(range(len(examples)))
+    rng.shuffle(idx)
+    window = args.batch_size * 50
+    batches = []
+    for w in range(0, len(idx), window):
+        chunk = sorted(idx[w:w + window], key=lambda i: len(examples[i]["ids"]))
+        batches += [chunk[j:j + args.batch_size] for j in range(0, len(chunk), args.batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def micro_batches(examples, batch):
+    """Split one batch into padded tensors of at most --micro-batch-tokens tokens each."""
+    batch = sorted(batch, key=lambda i: len(examples[i]["ids"]))
+    groups, cur = [], []
+    for i in batch:
+        longest = max([len(examples[j]["ids"]) for j in cur + [i]])
+        if cur and longest * (len(cur) + 1) > args.micro_batch_tokens:
+            groups.append(cur)
+            cur = []
+        cur.append(i)
+    groups.append(cur)
+    for group in groups:
+        width = max(len(examples[i]["ids"]) for i in group)
+        ids = torch.full((len(group), width), pad_id, dtype=torch.long)
+        labels = torch.full((len(group), width), -100, dtype=torch.long)
+        kinds = torch.full((len(group), width), lm.PROMPT, dtype=torch.long)
+        attn = torch.zeros((len(group), width), dtype=torch.long)
+        for r, i in enumerate(group):  # right padding: labels are -100 there, never masked by pad id
+            n = len(examples[i]["ids"])
+            ids[r, :n] = torch.tensor(examples[i]["ids"])
+            labels[r, :n] = torch.tensor(examples[i]["labels"])
+            kinds[r, :n] = torch.tensor(examples[i]["kinds"])
+            attn[r, :n] = 1
+        yield ids, labels, kinds, attn
+
+
+def lr_at(step, total):
+    warm = max(1, int(args.warmup_frac * total))
+    if step < warm:
+        return args.lr * (step + 1) / warm
+    return args.lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+
+
+def trainable_state(model):
+    if args.full_finetune:
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    from peft import get_peft_model_state_dict
+    return get_peft_model_state_dict(model)
+
+
+def save_checkpoint(model, tok, optimizer, step, epoch, data_hashes):
+    """Write to a hidden temp folder, then rename: a kill never leaves a half checkpoint."""
+    name = f"checkpoint-{step:06d}"
+    final = os.path.join(out_dir, name)
+    tmp = os.path.join(out_dir, f".tmp-{name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    torch.save({"optimizer": optimizer.state_dict(), "step": step, "epoch": epoch,
+                "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+               os.path.join(tmp, "training_state.pt"))
+    import importlib.metadata as md
+    meta = {"args": vars(args), "model_path": model_path, "data": data_hashes, "step": step, "epoch": epoch,
+            "seed": args.seed, "device": device, "dtype": str(dtype),
+            "versions": {p: md.version(p) for p in ("torch", "transformers", "peft")}}
+    steps.write_json_atomic(os.path.join(tmp, "meta.json"), meta)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    return final
+
+
+def latest_checkpoint():
+    found = sorted(glob.glob(os.path.join(out_dir, "checkpoint-[0-9]*")))
+    return found[-1] if found else None
+
+
+# ----------------------------------------------------------------------------- setup
+
+if not 0.0 <= args.mask_action_frac <= 1.0:
+    fail(f"--mask-action-frac must be in [0, 1], got {args.mask_action_frac}")
+if args.threads:
+    torch.set_num_threads(args.threads)
+out_dir = args.out.format(k=args.mask_action_frac, seed=args.seed)
+device, dtype = lm.pick_device(args.device)
+try:
+    model_path = lm.resolve_model(args.model)
+    tok = lm.load_tokenizer(model_path)
+except (OSError, ValueError) as e:
+    fail(f"cannot load model {args.model!r}: {e}")
+pad_id = tok.pad_token_id
+try:
+    examples, data_hashes = load_examples(tok)
+except (steps.DataError, ValueError) as e:
+    fail(str(e))
+
+random.seed(args.seed)
+torch.manual_seed(args.seed)
+from transformers import AutoModelForCausalLM  # noqa: E402
+
+model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device)
+if not args.full_finetune:
+    from peft import LoraConfig, get_peft_model
+    config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                        target_modules=args.target_modules.split(","), task_type="CAUSAL_LM")
+    model = get_peft_model(model, config)
+params = [p for p in model.parameters() if p.requires_grad]
+optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+
+batches_per_epoch = math.ceil(len(examples) / args.batch_size)
+total_steps = args.max_steps or max(1, math.ceil(args.epochs * batches_per_epoch))
+step = 0
+if args.resume and latest_checkpoint():
+    ckpt = latest_checkpoint()
+    state = torch.load(os.path.join(ckpt, "training_state.pt"), weights_only=False)
+    if args.full_finetune:
+        model.load_state_dict(AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype).state_dict())
+    else:
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+        set_peft_model_state_dict(model, load_file(os.path.join(ckpt, "adapter_model.safetensors")))
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["torch_rng"])
+    if state["cuda_rng"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    step = state["step"]
+    print(f"resumed from {ckpt} at step {step}")
+elif os.path.exists(latest_checkpoint() or "") and not args.resume:
+    fail(f"{out_dir} already has checkpoints; pass --resume to continue or choose another --out")
+os.makedirs(out_dir, exist_ok=True)
+
+n_masked = sum(e["masked"] for e in examples)
+n_tokens = sum(len(e["ids"]) for e in examples)
+print(f"device {device} ({dtype}), model {model_path}, {len(examples)} examples ({n_tokens} tokens), "
+      f"{n_masked} with masked action ({n_masked / len(examples):.3f}), {total_steps} steps, out {out_dir}")
+
+# ----------------------------------------------------------------------------- train
+
+model.train()
+metrics_path = os.path.join(out_dir, "metrics.jsonl")
+if step == 0 and os.path.exists(metrics_path):
+    os.remove(metrics_path)
+acc = {"loss": 0.0, "n": 0, "action": 0.0, "n_action": 0, "thought": 0.0, "n_thought": 0, "tokens": 0}
+t_log = time.time()
+t_start = time.time()
+bar = tqdm(total=total_steps, initial=step, desc="train", unit="step")
+while step < total_steps:
+    epoch, pos = divmod(step, batches_per_epoch)
+    batch = epoch_batches(examples, epoch)[pos]
+    lr = lr_at(step, total_steps)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    n_sup = sum(sum(l != -100 for l in examples[i]["labels"][1:]) for i in batch)
+    optimizer.zero_grad(set_to_none=True)
+    for ids, labels, kinds, attn in micro_batches(examples, batch):
+        ids, labels, kinds, attn = ids.to(device), labels.to(device), kinds.to(device), attn.to(device)
+        # Logits only from the earliest response start on: prompts are long and carry no loss, and
+        # the vocabulary projection of every prompt position would cost time and (B, T, V) memory.
+        start = int((kinds != lm.PROMPT).float().argmax(1).min()) - 1
+        logits = model(input_ids=ids, attention_mask=attn, logits_to_keep=ids.shape[1] - start).logits[:, :-1].float()
+        target, kind = labels[:, start + 1:], kinds[:, start + 1:]
+        # Per-token loss of every response token, supervised or not (for the per-part logs).
+        tok_loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, start + 1:], reduction="none")
+        sup = target != -100
+        loss = (tok_loss * sup).sum() / max(1, n_sup)
+        loss.backward()
+        with torch.no_grad():
+            acc["loss"] += (tok_loss * sup).sum().item()
+            acc["n"] += sup.sum().item()
+            real = attn[:, start + 1:].bool()
+            for name, k in (("action", lm.ACTION), ("thought", lm.THOUGHT)):
+                m = (kind == k) & real
+                acc[name] += (tok_loss * m).sum().item()
+                acc[f"n_{name}"] += m.sum().item()
+            acc["tokens"] += attn.sum().item()
+    if args.grad_clip:
+        torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+    optimizer.step()
+    step += 1
+    bar.update()
+    if step % args.log_every == 0 or step == total_steps:
+        dt = time.time() - t_log
+        row = {"step": step, "epoch": epoch, "loss": round(acc["loss"] / max(1, acc["n"]), 4),
+               "action_loss": round(acc["action"] / max(1, acc["n_action"]), 4),
+               "thought_loss": round(acc["thought"] / max(1, acc["n_thought"]), 4),
+               "tokens_per_s": round(acc["tokens"] / max(dt, 1e-9), 1), "lr": lr}
+        tqdm.write(f"step {step:6d} | loss {row['loss']:.4f} | action {row['action_loss']:.4f} | "
+                   f"thought {row['thought_loss']:.4f} | {row['tokens_per_s']:8.1f} tok/s | lr {lr:.2e}")
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        acc = dict.fromkeys(acc, 0.0)
+        acc.update(n=0, n_action=0, n_thought=0, tokens=0)
+        t_log = time.time()
+    if step == total_steps or (args.save_every and step % args.save_every == 0) or step == args.stop_at_step:
+        save_checkpoint(model, tok, optimizer, step, epoch, data_hashes)
+    if step == args.stop_at_step:
+        bar.close()
+        print(f"stopped at step {step} (--stop-at-step); rerun with --resume to continue")
+        sys.exit(0)
+bar.close()
+print(f"train done: {step} steps, {len(examples)} examples, k={args.mask_action_frac}, "
+      f"{time.time() - t_start:.0f}s, final {os.path.join(out_dir, f'checkpoint-{step:06d}')}")
