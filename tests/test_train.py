@@ -1,0 +1,117 @@
+"""train.py: exact action masking, realised fraction, resume equivalence, loadable adapters, bad input."""
+import json
+import os
+import re
+
+import pytest
+
+import lm
+import steps
+from conftest import run
+
+
+def train(tiny_model, data_dir, out, *extra, check=True):
+    return run("train.py", "--model", tiny_model, "--data", f"{data_dir}/*_train.jsonl", "--out", str(out),
+               "--batch-size", "4", "--threads", "1", "--log-every", "1", *extra, check=check)
+
+
+def test_action_mask_is_exact_on_the_real_tokenizer(small_data):
+    tok = lm.load_tokenizer(lm.resolve_model(lm.EMBEDDED))
+    recs = [r for n in sorted(os.listdir(small_data[0])) if n.endswith(".jsonl")
+            for r in steps.read_steps(os.path.join(small_data[0], n))]
+    assert len(recs) > 20
+    for rec in recs:
+        ids, labels, kinds = lm.encode_step(tok, rec, mask_action=True)
+        full_ids, full_labels, full_kinds = lm.encode_step(tok, rec, mask_action=False)
+        assert ids == full_ids and kinds == full_kinds
+        action_pos = [i for i, k in enumerate(kinds) if k == lm.ACTION]
+        # The action tokens spell the action (plus at most the separating space), nothing more.
+        assert tok.decode([ids[i] for i in action_pos]).strip() == rec["action"]
+        assert action_pos == list(range(action_pos[0], action_pos[-1] + 1))
+        for i, k in enumerate(kinds):
+            if k == lm.PROMPT or k == lm.ACTION:
+                assert labels[i] == -100
+            if k in (lm.THOUGHT, lm.TAG):
+                assert labels[i] == ids[i] and full_labels[i] == ids[i]
+            if k == lm.ACTION:
+                assert full_labels[i] == ids[i]
+        # The tag and end of turn stay supervised; the thought tokens spell the thought part.
+        assert tok.decode([ids[i] for i, k in enumerate(kinds) if k == lm.TAG]).strip() == "Action:"
+        assert "<|im_end|>" in tok.decode([ids[i] for i, l in enumerate(labels) if l != -100 and kinds[i] == lm.END])
+        assert rec["thought"] in tok.decode([ids[i] for i, k in enumerate(kinds) if k == lm.THOUGHT])
+
+
+def test_no_cot_encoding_has_no_thought(small_data):
+    tok = lm.load_tokenizer(lm.resolve_model(lm.EMBEDDED))
+    rec = steps.read_steps(os.path.join(small_data[0], "alfworld_train.jsonl"))[0]
+    ids, labels, kinds = lm.encode_step(tok, rec, no_cot=True)
+    assert lm.THOUGHT not in kinds
+    assert tok.decode([i for i, l in zip(ids, labels) if l != -100]) == f"Action: {rec['action']}<|im_end|>"
+
+
+@pytest.mark.parametrize("k", [0.0, 0.3, 1.0])
+def test_realised_mask_fraction(tiny_model, small_data, tmp_path, k):
+    proc = train(tiny_model, small_data[0], tmp_path / "run", "--max-steps", "1", "--mask-action-frac", str(k))
+    n, masked = map(int, re.search(r"(\d+) examples .*?, (\d+) with masked action", proc.stdout).groups())
+    assert masked == round(k * n)
+
+
+def test_resume_after_stop_matches_an_uninterrupted_run(tiny_model, small_data, tmp_path):
+    from safetensors.torch import load_file
+    common = ("--max-steps", "6", "--save-every", "2", "--mask-action-frac", "0.3", "--seed", "1")
+    train(tiny_model, small_data[0], tmp_path / "a", *common)
+    train(tiny_model, small_data[0], tmp_path / "b", *common, "--stop-at-step", "3")
+    os.makedirs(tmp_path / "b" / ".tmp-checkpoint-000004")  # debris of a kill mid-save is ignored
+    assert not (tmp_path / "b" / "checkpoint-000006").exists()
+    proc = train(tiny_model, small_data[0], tmp_path / "b", *common, "--resume")
+    assert "resumed from" in proc.stdout and "checkpoint-000003" in proc.stdout
+    a = load_file(tmp_path / "a" / "checkpoint-000006" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "b" / "checkpoint-000006" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert (a[key] == b[key]).all(), key
+    assert sorted(os.listdir(tmp_path / "a")) == ["checkpoint-000002", "checkpoint-000004", "checkpoint-000006", "metrics.jsonl"]
+    rows = [json.loads(line) for line in open(tmp_path / "a" / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert {"loss", "action_loss", "thought_loss", "tokens_per_s", "lr"} <= set(rows[0])
+
+
+def test_checkpoint_is_a_standard_peft_adapter(tiny_model, small_data, tmp_path):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    train(tiny_model, small_data[0], tmp_path / "run", "--max-steps", "2", "--lr", "1e-2")
+    ckpt = tmp_path / "run" / "checkpoint-000002"
+    meta = json.loads((ckpt / "meta.json").read_text())
+    assert meta["step"] == 2 and meta["seed"] == 0 and all(len(h) == 64 for h in meta["data"].values())
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    x = torch.tensor([[1, 2, 3, 4]])
+    before = base(x).logits
+    model = PeftModel.from_pretrained(base, str(ckpt))
+    assert not torch.allclose(model(x).logits, before)
+
+
+def test_bad_input_fails_cleanly(tiny_model, small_data, tmp_path):
+    empty = tmp_path / "empty_train.jsonl"
+    empty.write_text("")
+    bad = tmp_path / "bad" / "x_train.jsonl"
+    bad.parent.mkdir()
+    rec = steps.read_steps(os.path.join(small_data[0], "alfworld_train.jsonl"))[0]
+    del rec["thought"]
+    bad.write_text(json.dumps(rec) + "\n")
+    cases = [
+        (["--data", str(empty)], "no training records"),
+        (["--data", str(bad)], "x_train.jsonl:record 1"),
+        (["--data", str(tmp_path / "nothing.jsonl")], "data file not found"),
+        (["--max-len", "50"], "more than --max-len 50"),
+        (["--model", str(tmp_path / "no_such_model")], "cannot load model"),
+        (["--mask-action-frac", "1.5"], "--mask-action-frac must be in [0, 1]"),
+    ]
+    for extra, message in cases:
+        out = tmp_path / "run"
+        argv = ["train.py", "--model", tiny_model, "--data", f"{small_data[0]}/*_train.jsonl", "--out", str(out),
+                "--max-steps", "1", "--threads", "1"]
+        argv += extra  # later flags win in argparse
+        proc = run(*argv, check=False)
+        assert proc.returncode != 0 and message in proc.stderr, (extra, proc.stderr[-500:])
+        assert not out.exists() or not any(p.name.startswith("checkpoint") for p in out.iterdir())
