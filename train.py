@@ -193,6 +193,17 @@ if args.threads:
     torch.set_num_threads(args.threads)
 out_dir = args.out.format(k=args.mask_action_frac, seed=args.seed)
 device, dtype = lm.pick_device(args.device)
+# Under torchrun each process takes a slice of every batch; gradients are summed across processes
+# after the micro-batches (no DDP wrapper: slices may differ in micro-batch count). Rank 0 writes.
+world = int(os.environ.get("WORLD_SIZE", "1"))
+rank = int(os.environ.get("RANK", "0"))
+if world > 1:
+    import torch.distributed as dist
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    if device.startswith("cuda"):
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(device)
+main_process = rank == 0
 try:
     model_path = lm.resolve_model(args.model)
     tok = lm.load_tokenizer(model_path)
@@ -205,7 +216,7 @@ except (steps.DataError, ValueError) as e:
     fail(str(e))
 
 random.seed(args.seed)
-torch.manual_seed(args.seed)
+torch.manual_seed(args.seed)  # same LoRA init on every rank
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device)
@@ -230,30 +241,34 @@ if args.resume and latest_checkpoint():
         from safetensors.torch import load_file
         set_peft_model_state_dict(model, load_file(os.path.join(ckpt, "adapter_model.safetensors")))
     optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["torch_rng"])
     if state["cuda_rng"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
     step = state["step"]
     print(f"resumed from {ckpt} at step {step}")
 elif os.path.exists(latest_checkpoint() or "") and not args.resume:
     fail(f"{out_dir} already has checkpoints; pass --resume to continue or choose another --out")
-os.makedirs(out_dir, exist_ok=True)
+if main_process:
+    os.makedirs(out_dir, exist_ok=True)
+torch.manual_seed(args.seed + 1000 * rank + step)  # dropout differs across ranks, fixed by seed and step
+if args.resume and step and world == 1:
+    torch.set_rng_state(state["torch_rng"])
 
 n_masked = sum(e["masked"] for e in examples)
 n_tokens = sum(len(e["ids"]) for e in examples)
-print(f"device {device} ({dtype}), model {model_path}, {len(examples)} examples ({n_tokens} tokens), "
-      f"{n_masked} with masked action ({n_masked / len(examples):.3f}), {total_steps} steps, out {out_dir}")
+if main_process:
+    print(f"device {device} ({dtype}) x {world} process(es), model {model_path}, {len(examples)} examples ({n_tokens} tokens), "
+          f"{n_masked} with masked action ({n_masked / len(examples):.3f}), {total_steps} steps, out {out_dir}")
 
 # ----------------------------------------------------------------------------- train
 
 model.train()
 metrics_path = os.path.join(out_dir, "metrics.jsonl")
-if step == 0 and os.path.exists(metrics_path):
+if step == 0 and main_process and os.path.exists(metrics_path):
     os.remove(metrics_path)
 acc = {"loss": 0.0, "n": 0, "action": 0.0, "n_action": 0, "thought": 0.0, "n_thought": 0, "tokens": 0}
 t_log = time.time()
 t_start = time.time()
-bar = tqdm(total=total_steps, initial=step, desc="train", unit="step")
+bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not main_process)
 while step < total_steps:
     epoch, pos = divmod(step, batches_per_epoch)
     batch = epoch_batches(examples, epoch)[pos]
@@ -262,7 +277,8 @@ while step < total_steps:
         group["lr"] = lr
     n_sup = sum(sum(l != -100 for l in examples[i]["labels"][1:]) for i in batch)
     optimizer.zero_grad(set_to_none=True)
-    for ids, labels, kinds, attn in micro_batches(examples, batch):
+    shard = batch[rank::world]
+    for ids, labels, kinds, attn in (micro_batches(examples, shard) if shard else []):
         ids, labels, kinds, attn = ids.to(device), labels.to(device), kinds.to(device), attn.to(device)
         # Logits only from the earliest response start on: prompts are long and carry no loss, and
         # the vocabulary projection of every prompt position would cost time and (B, T, V) memory.
@@ -283,12 +299,22 @@ while step < total_steps:
                 acc[name] += (tok_loss * m).sum().item()
                 acc[f"n_{name}"] += m.sum().item()
             acc["tokens"] += attn.sum().item()
+    if world > 1:
+        for p in params:  # sum of slices = the whole batch's gradient (the loss is divided by the batch's n_sup)
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad)
     if args.grad_clip:
         torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
     optimizer.step()
     step += 1
     bar.update()
-    if step % args.log_every == 0 or step == total_steps:
+    log_now = step % args.log_every == 0 or step == total_steps
+    if log_now and world > 1:
+        totals = torch.tensor([acc[k] for k in sorted(acc)], dtype=torch.float64, device=device)
+        dist.all_reduce(totals)
+        acc = dict(zip(sorted(acc), totals.tolist()))
+    if log_now and main_process:
         dt = time.time() - t_log
         row = {"step": step, "epoch": epoch, "loss": round(acc["loss"] / max(1, acc["n"]), 4),
                "action_loss": round(acc["action"] / max(1, acc["n_action"]), 4),
@@ -298,15 +324,23 @@ while step < total_steps:
                    f"thought {row['thought_loss']:.4f} | {row['tokens_per_s']:8.1f} tok/s | lr {lr:.2e}")
         with open(metrics_path, "a") as f:
             f.write(json.dumps(row) + "\n")
-        acc = dict.fromkeys(acc, 0.0)
-        acc.update(n=0, n_action=0, n_thought=0, tokens=0)
         t_log = time.time()
+    if log_now:
+        acc = dict.fromkeys(acc, 0.0)
     if step == total_steps or (args.save_every and step % args.save_every == 0) or step == args.stop_at_step:
-        save_checkpoint(model, tok, optimizer, step, epoch, data_hashes)
+        if main_process:
+            save_checkpoint(model, tok, optimizer, step, epoch, data_hashes)
+        if world > 1:
+            dist.barrier()
     if step == args.stop_at_step:
         bar.close()
         print(f"stopped at step {step} (--stop-at-step); rerun with --resume to continue")
+        if world > 1:
+            dist.destroy_process_group()
         sys.exit(0)
 bar.close()
-print(f"train done: {step} steps, {len(examples)} examples, k={args.mask_action_frac}, "
-      f"{time.time() - t_start:.0f}s, final {os.path.join(out_dir, f'checkpoint-{step:06d}')}")
+if world > 1:
+    dist.destroy_process_group()
+if main_process:
+        print(f"train done: {step} steps, {len(examples)} examples, k={args.mask_action_frac}, "
+          f"{time.time() - t_start:.0f}s, final {os.path.join(out_dir, f'checkpoint-{step:06d}')}")

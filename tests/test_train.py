@@ -115,3 +115,23 @@ def test_bad_input_fails_cleanly(tiny_model, small_data, tmp_path):
         proc = run(*argv, check=False)
         assert proc.returncode != 0 and message in proc.stderr, (extra, proc.stderr[-500:])
         assert not out.exists() or not any(p.name.startswith("checkpoint") for p in out.iterdir())
+
+
+def test_two_gloo_processes_match_one(tiny_model, small_data, tmp_path):
+    """torchrun with 2 CPU processes trains the same adapter as one process (dropout off)."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+    common = ["--model", tiny_model, "--data", f"{small_data[0]}/alfworld_train.jsonl", "--max-steps", "2",
+              "--batch-size", "5", "--lora-dropout", "0", "--threads", "1"]
+    run("train.py", *common, "--out", str(tmp_path / "one"))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "train.py", *common,
+                           "--out", str(tmp_path / "two")], cwd=os.path.dirname(os.path.dirname(__file__)) or ".",
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "x 2 process(es)" in proc.stdout
+    a = load_file(tmp_path / "one" / "checkpoint-000002" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "two" / "checkpoint-000002" / "adapter_model.safetensors")
+    for key in a:
+        assert (a[key] - b[key]).abs().max() < 1e-6, key
