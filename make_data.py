@@ -64,6 +64,7 @@ parser.add_argument("--alfworld-plan-timeout", type=float, default=60.0, help="s
 # ScienceWorld
 parser.add_argument("--sciworld-train-per-task", type=int, default=1, help="train variations per in-domain task (20 tasks)")
 parser.add_argument("--sciworld-test-per-task", type=int, default=1, help="test variations per task (id_test: 20 tasks, ood_test: 10)")
+parser.add_argument("--sciworld-tasks", default="all", help="comma list of ScienceWorld task names to use, or 'all' (30 tasks)")
 parser.add_argument("--sciworld-max-gold", type=int, default=60, help="skip variations whose gold path is longer than this many steps")
 # BFCL
 parser.add_argument("--bfcl-train", type=int, default=200, help="train items (sampled from the in-domain categories)")
@@ -353,6 +354,12 @@ def build_env(name, rng, meta):
     elif name == "scienceworld":
         with envs.ScienceWorld() as env:
             all_tasks = envs.sciworld_tasks(env)
+        if args.sciworld_tasks != "all":
+            wanted = args.sciworld_tasks.split(",")
+            unknown = sorted(set(wanted) - {t["task_name"] for t in all_tasks})
+            if unknown:
+                raise envs.EnvError(f"unknown ScienceWorld task(s) in --sciworld-tasks: {', '.join(unknown)}")
+            all_tasks = [t for t in all_tasks if t["task_name"] in wanted]
         # More candidates than needed: variations whose gold path is too long are skipped at rollout.
         tasks = (pick(all_tasks, "train", 4 * args.sciworld_train_per_task, lambda t: t["task_type"], rng)
                  + pick(all_tasks, "id_test", 4 * args.sciworld_test_per_task, lambda t: t["task_type"], rng)

@@ -188,6 +188,26 @@ def test_sciworld_expert_scores_100_and_jvm_closes():
     assert proc.poll() is not None
 
 
+def test_sciworld_data_is_deterministic_and_split(tmp_path):
+    """ScienceWorld worlds depend on the JVM's history of loads; make_data runs them in a fixed
+    order, so the same command writes the same bytes."""
+    argv = ["make_data.py", "--env", "scienceworld", "--sciworld-tasks", "find-living-thing,find-animal",
+            "--seed", "5"]
+    for name in ("a", "b"):
+        run(*argv, "--out", str(tmp_path / name))
+    for split in steps.SPLITS:
+        a = (tmp_path / "a" / f"scienceworld_{split}.jsonl").read_bytes()
+        assert a == (tmp_path / "b" / f"scienceworld_{split}.jsonl").read_bytes()
+    rows = {s: steps.read_steps(str(tmp_path / "a" / f"scienceworld_{s}.jsonl")) for s in steps.SPLITS}
+    assert {r["task_type"] for r in rows["ood_test"]} == {"find-animal"}  # 4-4, last task of its topic
+    assert {r["task_type"] for r in rows["train"] + rows["id_test"]} == {"find-living-thing"}
+    for r in rows["train"]:
+        assert r["action"] in r["candidates"] and len(r["candidates"]) <= 20
+    proc = run("make_data.py", "--env", "scienceworld", "--sciworld-tasks", "fly-to-mars", "--out", str(tmp_path / "c"),
+               check=False)
+    assert proc.returncode != 0 and "unknown ScienceWorld task(s) in --sciworld-tasks: fly-to-mars" in proc.stderr
+
+
 def test_sciworld_jvm_does_not_outlive_a_crash():
     code = ("import envs, sys\nenv = envs.ScienceWorld()\n"
             "print(env._env._gateway.java_process.pid, flush=True)\nraise RuntimeError('boom')\n")
