@@ -46,9 +46,19 @@ def stable_frac(key):
     return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) / 16 ** 8
 
 
+class ClosingEnv:
+    """`with make_env(...) as env:` closes the environment (and its JVM) on every path."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
 # ----------------------------------------------------------------------------- ALFWorld
 
-class AlfWorld:
+class AlfWorld(ClosingEnv):
     name = "alfworld"
 
     def __init__(self):
@@ -96,12 +106,6 @@ class AlfWorld:
             self._env.close()
             self._env = None
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
 
 def alfworld_tasks(games_dir):
     """Tasks of every game.tw-pddl under games_dir, split by task type and by a hash of the path.
@@ -147,7 +151,7 @@ def sciworld_task_table():
 SCIWORLD_MAX_STEPS_MIN = 30
 
 
-class ScienceWorld:
+class ScienceWorld(ClosingEnv):
     name = "scienceworld"
 
     def __init__(self):
@@ -184,12 +188,6 @@ class ScienceWorld:
         if self._env is not None:
             self._env.close()
             self._env = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 def sciworld_tasks(env=None):
@@ -318,7 +316,7 @@ def parse_calls(text):
     return calls
 
 
-class Bfcl:
+class Bfcl(ClosingEnv):
     name = "bfcl"
 
     def __init__(self):
@@ -354,12 +352,6 @@ class Bfcl:
 
     def close(self):
         pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 ENV_CLASSES = {"alfworld": AlfWorld, "scienceworld": ScienceWorld, "bfcl": Bfcl}
