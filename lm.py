@@ -112,3 +112,206 @@ def encode_step(tok, rec, mask_action=False, no_cot=False):
     for i in range(last_eot + 1, len(ids)):
         labels[i] = -100
     return ids, labels, kinds
+
+
+# ----------------------------------------------------------------------------- one prompt, many branches
+#
+# probe.py and evaluate.py ask many questions of the same prompt: the action after the action tag,
+# the reasoning after the thought tag, the log-likelihood of a reference action with or without a
+# thought, of every candidate action. The prompt (hundreds of tokens) is run once; every question
+# is a branch that starts from a copy of its KV cache and costs only its own tokens.
+
+
+def load_model(path, adapter, device, dtype):
+    """The causal LM of `path`, with a PEFT adapter folder merged in (None = the base model), eval mode."""
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    if adapter:
+        if os.path.exists(os.path.join(adapter, "adapter_config.json")):
+            from peft import PeftModel
+            model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+        else:  # a --full-finetune checkpoint is a whole model folder
+            model = AutoModelForCausalLM.from_pretrained(adapter, dtype=dtype)
+    return model.to(device).eval()
+
+
+def stop_ids(tok, model):
+    """Token ids that end an assistant turn: the tokenizer's eos and the model's generation eos."""
+    ids = {tok.convert_tokens_to_ids(tok.eos_token)}
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    ids |= set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    return ids
+
+
+def _rows(layers, rows):
+    """A fresh DynamicCache holding batch rows `rows` of per-layer (keys, values); the source is untouched."""
+    import torch
+    from transformers import DynamicCache
+    idx = torch.tensor(rows, device=layers[0][0].device)
+    return DynamicCache([(k.index_select(0, idx), v.index_select(0, idx)) for k, v in layers])
+
+
+def _layers(cache):
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def _last_logits(model, ids, mask, pos, cache, keep):
+    """Run the decoder on new tokens ids (n, w) after `cache`; logits (float32) of the positions keep (n, m)."""
+    import torch
+    hidden = model.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=pos,
+                                 past_key_values=cache, use_cache=True).last_hidden_state
+    picked = torch.gather(hidden, 1, keep[..., None].expand(-1, -1, hidden.shape[-1]))
+    return model.get_output_embeddings()(picked).float()
+
+
+def encode_prompts(model, prompts, pad_id):
+    """Run a batch of prompts (lists of token ids) once, left-padded; the state every branch starts from.
+
+    Returns {"layers": [(keys, values)] per layer with batch rows = prompts, "mask": (B, P) attention
+    mask, "next_pos": (B,) position id of each prompt's next token}.
+    """
+    import torch
+    from transformers import DynamicCache
+    device = model.device
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for r, p in enumerate(prompts):
+        ids[r, width - len(p):] = torch.tensor(p)
+        mask[r, width - len(p):] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    cache = DynamicCache()
+    with torch.no_grad():
+        model.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+    return {"layers": _layers(cache), "mask": mask, "next_pos": mask.sum(1)}
+
+
+def _finished(text, stop):
+    """Is a greedy branch done? 'line': a non-empty line was completed; 'action': the line after the
+    last action tag was completed (the reasoning and then its action were written)."""
+    if stop == "action":
+        tag = steps.tags()[1]
+        if tag not in text:
+            return False
+        text = text[text.rfind(tag) + len(tag):]
+    text = text.lstrip()
+    return "\n" in text
+
+
+def run_branches(model, tok, state, branches, max_rows=16):
+    """Answer every branch from the shared prompt state; returns one dict per branch, in order.
+
+    A branch is {"row": prompt index, "prefix": token ids forced after the prompt (non-empty, e.g. the
+    action tag), and either "target": token ids to score, or "max_new": tokens to decode greedily with
+    "stop": 'line' | 'action'}. Scoring branches return {"logprobs": [log p(target_i) in nats]};
+    greedy branches return {"ids": generated ids (without the end of turn), "text": decoded text,
+    "ended": whether the model ended its turn}. Up to max_rows branches run as one batch.
+    """
+    out = []
+    for i in range(0, len(branches), max_rows):
+        out += _run_chunk(model, tok, state, branches[i:i + max_rows])
+    return out
+
+
+def _run_chunk(model, tok, state, chunk):
+    import torch
+    device = model.device
+    for b in chunk:
+        if not b["prefix"]:
+            raise ValueError("a branch needs a non-empty prefix (its tag), the prompt's last logits are not kept")
+    rows = [b["row"] for b in chunk]
+    seqs = [b["prefix"] + b.get("target", []) for b in chunk]
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(chunk), width), tok.pad_token_id, dtype=torch.long)
+    cmask = torch.zeros((len(chunk), width), dtype=torch.long)
+    for r, s in enumerate(seqs):  # right padding inside the branch: pads are masked and never predicted from
+        ids[r, :len(s)] = torch.tensor(s)
+        cmask[r, :len(s)] = 1
+    row_idx = torch.tensor(rows, device=device)
+    mask = torch.cat([state["mask"].index_select(0, row_idx), cmask.to(device)], 1)
+    start = state["next_pos"].index_select(0, row_idx)
+    pos = start[:, None] + torch.arange(width, device=device)[None]
+    # Positions whose logits are needed: the target's predictors, or the prefix's last token.
+    need = [list(range(len(b["prefix"]) - 1, len(s) - 1)) if "target" in b else [len(b["prefix"]) - 1]
+            for b, s in zip(chunk, seqs)]
+    m = max(len(n) for n in need)
+    keep = torch.tensor([n + [n[-1]] * (m - len(n)) for n in need], device=device)
+    cache = _rows(state["layers"], rows)
+    with torch.no_grad():
+        logp = torch.log_softmax(_last_logits(model, ids.to(device), mask, pos, cache, keep), -1)
+    results = [None] * len(chunk)
+    gen = []
+    for r, b in enumerate(chunk):
+        if "target" in b:
+            t = torch.tensor(b["target"], device=device)
+            results[r] = {"logprobs": logp[r, :len(t)].gather(1, t[:, None])[:, 0].tolist()}
+        else:
+            gen.append(r)
+    if gen:
+        first = logp[gen, 0].argmax(-1)
+        gen_results = _greedy(model, tok, _layers(cache), mask[gen], pos[gen, 0] + cmask[gen].sum(1).to(device),
+                              first, [chunk[r] for r in gen], gen_rows=gen)
+        for r, res in zip(gen, gen_results):
+            results[r] = res
+    return results
+
+
+def _greedy(model, tok, layers, mask, next_pos, first, branches, gen_rows):
+    """Greedy decoding of rows gen_rows of the branch cache, one token per step, all rows batched;
+    finished rows are dropped from the batch so later steps cost only the live ones."""
+    import torch
+    stops = stop_ids(tok, model)
+    cache = _rows(layers, gen_rows)
+    live = list(range(len(branches)))        # branch index of each cache row
+    tokens = [[] for _ in branches]
+    ended = [False] * len(branches)
+    nxt = first
+    while live:
+        done_rows = []
+        for r, b in enumerate(live):
+            t = int(nxt[r])
+            if t in stops:
+                ended[b] = True
+                done_rows.append(r)
+                continue
+            tokens[b].append(t)
+            if len(tokens[b]) >= branches[b]["max_new"] or _finished(tok.decode(tokens[b]), branches[b]["stop"]):
+                done_rows.append(r)
+        if done_rows:
+            keep = [r for r in range(len(live)) if r not in done_rows]
+            if not keep:
+                break
+            idx = torch.tensor(keep, device=mask.device)
+            cache = _rows(_layers(cache), keep)
+            mask, next_pos, nxt = mask.index_select(0, idx), next_pos.index_select(0, idx), nxt.index_select(0, idx)
+            live = [live[r] for r in keep]
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        with torch.no_grad():
+            logits = _last_logits(model, nxt[:, None], mask, next_pos[:, None], cache,
+                                  torch.zeros((len(live), 1), dtype=torch.long, device=mask.device))
+        nxt = logits[:, 0].argmax(-1)
+        next_pos = next_pos + 1
+    return [{"ids": t, "text": tok.decode(t, skip_special_tokens=True), "ended": e} for t, e in zip(tokens, ended)]
+
+
+def encode_parts(tok, parts):
+    """Token ids of "".join(parts), tokenized once and split where each part starts.
+
+    A token belongs to the part its first character is in, so the pieces concatenate to exactly
+    the tokenization a model saw in training (the tag and the action are never tokenized apart
+    from their context).
+    """
+    text = "".join(parts)
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    bounds, at = [], 0
+    for p in parts:
+        at += len(p)
+        bounds.append(at)
+    out = [[] for _ in parts]
+    part = 0
+    for tid, (s, _) in zip(enc["input_ids"], enc["offset_mapping"]):
+        while s >= bounds[part]:
+            part += 1
+        out[part].append(tid)
+    return out

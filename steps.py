@@ -206,3 +206,71 @@ def write_json_atomic(path, obj):
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+# ----------------------------------------------------------------------------- resumable outputs and summaries
+
+def read_done(path):
+    """Records already in an append-only output (resume); a torn last line from a kill is cut off."""
+    if not os.path.exists(path):
+        return []
+    with open(path, "rb") as f:
+        data = f.read()
+    end = data.rfind(b"\n") + 1
+    if end < len(data):  # the process died mid-write: drop the partial line so appends stay valid JSONL
+        with open(path, "r+b") as f:
+            f.truncate(end)
+    return [json.loads(line) for line in data[:end].decode().splitlines() if line.strip()]
+
+
+def append_jsonl(f, records):
+    """Append and flush, so a kill loses at most the record being written."""
+    for rec in records:
+        f.write(json.dumps(rec, ensure_ascii=False, sort_keys=True) + "\n")
+    f.flush()
+
+
+def mean_ci(values, seed=0, n_boot=1000):
+    """(mean, low, high): the mean of numbers/bools (None skipped) and its bootstrap 95% interval."""
+    import numpy as np
+    x = np.array([float(v) for v in values if v is not None])
+    if len(x) == 0:
+        return None, None, None
+    rng = np.random.default_rng(seed)
+    boots = x[rng.integers(0, len(x), (n_boot, len(x)))].mean(1)
+    lo, hi = np.percentile(boots, [2.5, 97.5])
+    return round(float(x.mean()), 4), round(float(lo), 4), round(float(hi), 4)
+
+
+def summarize(records, keys, metrics, seed=0):
+    """One row per distinct value of `keys`: n and, per metric, its mean with _lo/_hi bootstrap bounds."""
+    groups = {}
+    for rec in records:
+        groups.setdefault(tuple(rec.get(k) for k in keys), []).append(rec)
+    rows = []
+    for key in sorted(groups, key=lambda k: tuple(str(x) for x in k)):
+        recs = groups[key]
+        row = dict(zip(keys, key), n=len(recs))
+        for m in metrics:
+            row[m], row[f"{m}_lo"], row[f"{m}_hi"] = mean_ci([r.get(m) for r in recs], seed)
+        rows.append(row)
+    return rows
+
+
+def write_csv_atomic(path, rows):
+    """Rows (dicts) as CSV, columns in first-seen order; all or nothing like write_jsonl_atomic."""
+    import csv
+    import io
+    cols = []
+    for row in rows:
+        cols += [c for c in row if c not in cols]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".csv")
+    with os.fdopen(fd, "w") as f:
+        f.write(buf.getvalue())
+    os.replace(tmp, path)

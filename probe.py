@@ -1,0 +1,371 @@
+"""probe.py: where do the training gains land, in the prompt action or in the CoT action? Per checkpoint.
+
+For every step record (make_data.py) and every checkpoint (train.py; the base model is step 0):
+  prompt action   the turn prefilled with the action tag, the action decoded greedily (one line)
+  CoT action      the turn prefilled with the thought tag, reasoning then action decoded greedily
+  log-likelihood  of the reference action tokens (sum and per-token mean, nats) (a) after the action
+                  tag alone, (b) after the reference thought, (c) after the model's own thought
+  rank-1          is the reference the best of the step's valid actions by per-token mean
+                  log-likelihood, after the tag alone and after the reference thought
+  agreement       prompt / CoT action == reference (normalised), consistency (prompt == CoT),
+                  revision: none (same), helpful (prompt wrong, CoT right), harmful, neutral
+  truncation      reference log-likelihood and greedy-action agreement keeping the first
+                  0/25/50/75/100% of the reference thought's words (after Lanham et al. 2023)
+  attribution     on --attribution-samples records per env x split: share of attention mass
+                  (all layers and heads) and of input-embedding gradient norm of the action loss
+                  that lands on prompt / thought / other (tags, earlier action tokens) positions
+With --conflicts FILE (make_conflicts.py) it runs the conflict probe instead: prompt + a trace that
+argues for a2 + action tag; does the model follow the trace (a2), anchor on the prompt (a1), neither?
+
+The prompt is run once per record; every quantity above is a branch from its KV cache (lm.py).
+
+Writes to --out: records.jsonl (one line per checkpoint x record, appended and flushed; a rerun
+skips ids already there), summary.jsonl and summary.csv (one row per checkpoint x env x split,
+every metric with a bootstrap 95% interval as <metric>_lo/_hi), meta.json. One record:
+    "id":             "k0.3_seed0/checkpoint-000040/alfworld/id_test/pick_heat-1/trial_0/step003"
+    "checkpoint":     "k0.3_seed0/checkpoint-000040"   run/checkpoint, or "base"
+    "step":           40                                 training step (base = 0)
+    "record_id":      "alfworld/id_test/pick_heat-1/trial_0/step003"
+    "env", "task_type", "split"                          from the step record
+    "reference":      "take egg 1 from fridge 1"
+    "prompt_action":  "take egg 1 from fridge 1"        "cot_action": "go to fridge 1"  (null: no tag)
+    "cot_text":       " The egg is in the fridge ... Action: go to fridge 1"   what the model wrote
+    "prompt_correct": true, "cot_correct": false, "consistent": false, "revision": "harmful"
+    "ll_prompt_sum": -0.41, "ll_prompt_mean": -0.05, "ll_thought_sum": ..., "ll_own_sum": ...
+    "rank1_prompt": true, "rank1_thought": true, "n_candidates": 14
+    "trunc_ll_0": -3.2, "trunc_correct_0": false, ..., "trunc_ll_100": ..., "trunc_correct_100": ...
+    "attn_prompt": 0.61, "attn_thought": 0.22, "attn_other": 0.17, "grad_prompt": ..., (null unless sampled)
+
+    python probe.py --checkpoints runs/k0.3_seed0 --data 'data/generated/*_test.jsonl' --out results/probe/k0.3_seed0
+    python probe.py --model /tmp/tiny --no-base --checkpoints runs/tiny --max-records 4 --out /tmp/probe
+"""
+import argparse
+import glob
+import json
+import os
+import random
+import sys
+import time
+
+parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+# inputs
+parser.add_argument("--model", default="smollm2-135m", help="base model: hub id, local folder, or smollm2-135m (embedded)")
+parser.add_argument("--checkpoints", nargs="*", default=[], help="train.py run folders (all their checkpoint-* in order) or checkpoint folders")
+parser.add_argument("--no-base", action="store_true", help="skip the base model (step 0)")
+parser.add_argument("--data", nargs="+", default=["data/generated/*_id_test.jsonl", "data/generated/*_ood_test.jsonl"],
+                    help="step JSONL files or globs (sorted)")
+parser.add_argument("--conflicts", default="", help="make_conflicts.py JSONL: run the conflict probe on it instead of --data")
+parser.add_argument("--max-records", type=int, default=0, help="per env x split, a seeded sample of this many records (0 = all)")
+# what to measure
+parser.add_argument("--max-action-tokens", type=int, default=64, help="greedy tokens for an action line")
+parser.add_argument("--max-thought-tokens", type=int, default=160, help="greedy tokens for reasoning + action in CoT mode")
+parser.add_argument("--trunc-fracs", default="0,0.25,0.5,0.75,1", help="comma list of kept fractions of the reference thought")
+parser.add_argument("--no-candidates", action="store_true", help="skip rank-1 among valid actions")
+parser.add_argument("--attribution-samples", type=int, default=4, help="records per env x split for attention/gradient shares (0 = off)")
+# run
+parser.add_argument("--batch-size", type=int, default=4, help="records whose prompts run together (similar lengths are grouped)")
+parser.add_argument("--max-rows", type=int, default=16, help="branches per forward pass (bounds memory: rows x prompt length KV)")
+parser.add_argument("--seed", type=int, default=0, help="record sample, attribution sample, bootstrap")
+parser.add_argument("--out", default="results/probe", help="output folder")
+parser.add_argument("--device", default="auto", help="auto (cuda+bf16 if present, else cpu+fp32), cpu, cuda, cuda:1")
+parser.add_argument("--dtype", default="auto", help="auto (bf16 on cuda, fp32 on cpu), float32, bfloat16; score in fp32 for comparisons")
+parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+args = parser.parse_args()
+
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+import lm  # noqa: E402
+import steps  # noqa: E402
+
+PROBE_METRICS = ["prompt_correct", "cot_correct", "consistent", "cot_tag_missing", "helpful", "harmful", "neutral",
+                 "ll_prompt_sum", "ll_prompt_mean", "ll_thought_sum", "ll_thought_mean", "ll_own_sum", "ll_own_mean",
+                 "rank1_prompt", "rank1_thought", "attn_prompt", "attn_thought", "attn_other",
+                 "grad_prompt", "grad_thought", "grad_other"]
+CONFLICT_METRICS = ["follows", "anchors", "neither", "prefers_a2", "ll_a1_mean", "ll_a2_mean"]
+
+
+def fail(msg):
+    sys.exit(f"error: {msg}")
+
+
+def checkpoint_list():
+    """[(name, step, adapter folder or None)] in training order; run folders expand to their checkpoints."""
+    out = [] if args.no_base else [("base", 0, None)]
+    for item in args.checkpoints:
+        if not os.path.isdir(item):
+            fail(f"checkpoint folder not found: {item}")
+        found = sorted(glob.glob(os.path.join(item, "checkpoint-[0-9]*")))
+        for ckpt in found or [item]:
+            meta_path = os.path.join(ckpt, "meta.json")
+            if not os.path.exists(meta_path):
+                fail(f"{ckpt}: no meta.json, not a train.py checkpoint")
+            with open(meta_path) as f:
+                meta = json.load(f)
+            name = f"{os.path.basename(os.path.dirname(os.path.abspath(ckpt)))}/{os.path.basename(ckpt)}"
+            out.append((name, meta["step"], ckpt))
+    if not out:
+        fail("nothing to probe: give --checkpoints or drop --no-base")
+    return out
+
+
+def load_records():
+    if args.conflicts:
+        files = [args.conflicts]
+        records = steps.read_jsonl(args.conflicts, required=("id", "step_id", "env", "split", "messages", "a1", "a2", "trace", "method"))
+    else:
+        files = sorted({f for pattern in args.data for f in (sorted(glob.glob(pattern)) or [pattern])})
+        records = []
+        for path in files:
+            if not os.path.exists(path):
+                fail(f"data file not found: {path}")
+            records += steps.read_steps(path)
+    if not records:
+        fail(f"no records in {', '.join(files)}")
+    groups = {}
+    for rec in records:
+        groups.setdefault((rec["env"], rec["split"]), []).append(rec)
+    rng = random.Random(f"sample/{args.seed}")
+    chosen, sampled = [], set()
+    for key in sorted(groups):
+        recs = groups[key]
+        if args.max_records and len(recs) > args.max_records:
+            recs = [recs[i] for i in sorted(rng.sample(range(len(recs)), args.max_records))]
+        chosen += recs
+        # The attribution sample is fixed by the seed, the same records for every checkpoint.
+        k = min(args.attribution_samples, len(recs))
+        sampled |= {recs[i]["id"] for i in rng.sample(range(len(recs)), k)}
+    return chosen, files, sampled
+
+
+def ll(logprobs):
+    return round(sum(logprobs), 4), round(sum(logprobs) / max(1, len(logprobs)), 4)
+
+
+def same(a, b):
+    return a is not None and b is not None and steps.normalize_action(a) == steps.normalize_action(b)
+
+
+def truncate_words(text, frac):
+    words = text.split()
+    return " ".join(words[:round(frac * len(words))])
+
+
+def thought_prefix(thought):
+    """The response text up to and including the action tag, after a given thought."""
+    thought_tag, action_tag = steps.tags()
+    return f"{thought_tag} {thought}\n{action_tag}"
+
+
+# ----------------------------------------------------------------------------- the two probes
+
+def probe_batch(model, tok, recs):
+    """All step metrics of a batch of records: one prompt pass, then every quantity as a branch."""
+    thought_tag, action_tag = steps.tags()
+    fracs = [float(x) for x in args.trunc_fracs.split(",")]
+    prompts = [steps.render_prompt(tok, r["messages"]) for r in recs]
+    enc = [lm.encode_parts(tok, [p, action_tag]) for p in prompts]
+    state = lm.encode_prompts(model, [e[0] for e in enc], tok.pad_token_id)
+    branches, plan = [], []
+
+    def add(rec_i, key, prefix_text, target=None, max_new=None, stop=None):
+        head, prefix, tgt = lm.encode_parts(tok, [prompts[rec_i], prefix_text, "" if target is None else " " + target])
+        if head != enc[rec_i][0]:
+            raise ValueError(f"{recs[rec_i]['id']}: the tokenizer merges the prompt's last token with the response")
+        b = {"row": rec_i, "prefix": prefix}
+        if target is None:
+            b.update(max_new=max_new, stop=stop)
+        else:
+            b["target"] = tgt
+        branches.append(b)
+        plan.append((rec_i, key))
+
+    for i, rec in enumerate(recs):
+        add(i, "prompt_gen", action_tag, max_new=args.max_action_tokens, stop="line")
+        add(i, "cot_gen", thought_tag, max_new=args.max_thought_tokens, stop="action")
+        add(i, "ll_prompt", action_tag, rec["action"])
+        add(i, "ll_thought", thought_prefix(rec["thought"]), rec["action"])
+        for f in fracs:
+            if f < 1:  # f = 1 is the full reference thought, scored above
+                add(i, ("trunc_ll", f), thought_prefix(truncate_words(rec["thought"], f)), rec["action"])
+            add(i, ("trunc_gen", f), thought_prefix(truncate_words(rec["thought"], f)), max_new=args.max_action_tokens, stop="line")
+        cands = [c for c in (rec.get("candidates") or []) if c != rec["action"]]
+        if not args.no_candidates and cands:
+            for c in cands:
+                add(i, ("cand_prompt", c), action_tag, c)
+                add(i, ("cand_thought", c), thought_prefix(rec["thought"]), c)
+    got = {}
+    for (i, key), res in zip(plan, lm.run_branches(model, tok, state, branches, args.max_rows)):
+        got[i, key] = res
+    # (c) needs the model's own reasoning, so it is a second round of branches from the same prompt state.
+    own = []
+    for i, rec in enumerate(recs):
+        thought, action = steps.parse_response(thought_tag + got[i, "cot_gen"]["text"])
+        own.append((thought, action))
+    second = [{"row": i, "prefix": p, "target": t} for i, rec in enumerate(recs)
+              for p, t in [lm.encode_parts(tok, [prompts[i], thought_prefix(own[i][0]), " " + rec["action"]])[1:]]]
+    own_ll = lm.run_branches(model, tok, state, second, args.max_rows)
+
+    out = []
+    for i, rec in enumerate(recs):
+        ref = rec["action"]
+        prompt_action = steps.first_line(got[i, "prompt_gen"]["text"])
+        cot_thought, cot_action = own[i]
+        pc, cc = same(prompt_action, ref), same(cot_action, ref)
+        consistent = same(prompt_action, cot_action)
+        revision = "none" if consistent else "helpful" if cc and not pc else "harmful" if pc and not cc else "neutral"
+        row = {"record_id": rec["id"], "env": rec["env"], "task_type": rec["task_type"], "split": rec["split"],
+               "reference": ref, "prompt_action": prompt_action, "cot_action": cot_action,
+               "cot_text": got[i, "cot_gen"]["text"], "cot_tag_missing": cot_action is None,
+               "prompt_correct": pc, "cot_correct": cc, "consistent": consistent, "revision": revision,
+               "helpful": revision == "helpful", "harmful": revision == "harmful", "neutral": revision == "neutral"}
+        for name, lp in (("prompt", got[i, "ll_prompt"]["logprobs"]), ("thought", got[i, "ll_thought"]["logprobs"]),
+                         ("own", own_ll[i]["logprobs"])):
+            row[f"ll_{name}_sum"], row[f"ll_{name}_mean"] = ll(lp)
+        cands = [c for c in (rec.get("candidates") or []) if c != ref]
+        row["n_candidates"] = len(cands) + 1 if cands else 0
+        for ctx in ("prompt", "thought"):
+            if cands and not args.no_candidates:
+                ref_mean = row[f"ll_{ctx}_mean"]
+                best_other = max(ll(got[i, (f"cand_{ctx}", c)]["logprobs"])[1] for c in cands)
+                row[f"rank1_{ctx}"] = ref_mean > best_other  # ties count against the reference
+            else:
+                row[f"rank1_{ctx}"] = None
+        for f in fracs:
+            pct = int(round(100 * f))
+            lp = got[i, "ll_thought"]["logprobs"] if f >= 1 else got[i, ("trunc_ll", f)]["logprobs"]
+            row[f"trunc_ll_{pct}"] = ll(lp)[0]
+            row[f"trunc_correct_{pct}"] = same(steps.first_line(got[i, ("trunc_gen", f)]["text"]), ref)
+        out.append(row)
+    return out
+
+
+def conflict_batch(model, tok, recs):
+    """Prompt + conflicting trace + action tag: which action does the model write, and which does it prefer?"""
+    prompts = [steps.render_prompt(tok, r["messages"]) for r in recs]
+    state = lm.encode_prompts(model, [tok(p, add_special_tokens=False)["input_ids"] for p in prompts], tok.pad_token_id)
+    branches = []
+    for i, rec in enumerate(recs):
+        prefix = thought_prefix(rec["trace"])
+        branches.append({"row": i, "prefix": lm.encode_parts(tok, [prompts[i], prefix])[1],
+                         "max_new": args.max_action_tokens, "stop": "line"})
+        for a in (rec["a1"], rec["a2"]):
+            p, t = lm.encode_parts(tok, [prompts[i], prefix, " " + a])[1:]
+            branches.append({"row": i, "prefix": p, "target": t})
+    res = lm.run_branches(model, tok, state, branches, args.max_rows)
+    out = []
+    for i, rec in enumerate(recs):
+        gen, l1, l2 = res[3 * i:3 * i + 3]
+        action = steps.first_line(gen["text"])
+        follows, anchors = same(action, rec["a2"]), same(action, rec["a1"])
+        m1, m2 = ll(l1["logprobs"])[1], ll(l2["logprobs"])[1]
+        out.append({"record_id": rec["id"], "step_id": rec["step_id"], "env": rec["env"], "task_type": rec.get("task_type"),
+                    "split": rec["split"], "method": rec["method"], "a1": rec["a1"], "a2": rec["a2"], "action": action,
+                    "follows": follows, "anchors": anchors, "neither": not follows and not anchors,
+                    "ll_a1_mean": m1, "ll_a2_mean": m2, "prefers_a2": m2 > m1})
+    return out
+
+
+def attribution(model, tok, rec):
+    """Shares of attention mass and of input-gradient norm, from the reference action onto
+    prompt / thought / other positions, with the reference thought in context. Each triple sums to 1."""
+    ids, _, kinds = lm.encode_step(tok, rec)
+    ids_t = torch.tensor([ids], device=model.device)
+    kinds_t = torch.tensor(kinds, device=model.device)
+    action_pos = (kinds_t == lm.ACTION).nonzero()[:, 0]
+    predictors = action_pos - 1  # the positions whose outputs predict the action tokens
+    embeds = model.get_input_embeddings()(ids_t).detach().requires_grad_(True)
+    before = model.config._attn_implementation
+    model.set_attn_implementation("eager")  # attention weights are only returned by the eager kernel
+    try:
+        out = model(inputs_embeds=embeds, output_attentions=True)
+    finally:
+        model.set_attn_implementation(before)
+    logp = torch.log_softmax(out.logits[0, predictors].float(), -1)
+    loss = -logp.gather(1, ids_t[0, action_pos][:, None]).sum()
+    loss.backward()
+    groups = {"prompt": kinds_t == lm.PROMPT, "thought": kinds_t == lm.THOUGHT}
+    groups["other"] = ~(groups["prompt"] | groups["thought"])
+    # (layers, heads, action predictors, keys) -> mean mass per key over layers, heads and predictors
+    attn = torch.stack([a[0, :, predictors].detach().float() for a in out.attentions]).mean((0, 1, 2))
+    grad = embeds.grad[0].float().norm(dim=-1)
+    row = {}
+    for name, m in groups.items():
+        row[f"attn_{name}"] = round(float(attn[m].sum() / attn.sum()), 4)
+        row[f"grad_{name}"] = round(float(grad[m].sum() / grad.sum()), 4)
+    return row
+
+
+# ----------------------------------------------------------------------------- main
+
+if args.threads:
+    torch.set_num_threads(args.threads)
+device, dtype = lm.pick_device(args.device)
+if args.dtype != "auto":
+    dtype = getattr(torch, args.dtype)
+ckpts = checkpoint_list()
+try:
+    records, files, attr_ids = load_records()
+except steps.DataError as e:
+    fail(str(e))
+try:
+    model_path = lm.resolve_model(args.model)
+    tok = lm.load_tokenizer(model_path)
+except (OSError, ValueError) as e:
+    fail(f"cannot load model {args.model!r}: {e}")
+for name, _, ckpt in ckpts:
+    if ckpt:
+        with open(os.path.join(ckpt, "meta.json")) as f:
+            trained_on = json.load(f)["model_path"]
+        if os.path.abspath(trained_on) != os.path.abspath(model_path) and trained_on != args.model:
+            fail(f"{ckpt} was trained on {trained_on}, not on --model {model_path}")
+
+os.makedirs(args.out, exist_ok=True)
+records_path = os.path.join(args.out, "records.jsonl")
+done_recs = steps.read_done(records_path)
+done = {r["id"] for r in done_recs}
+mode = "conflicts" if args.conflicts else "steps"
+print(f"probe ({mode}) device {device} ({dtype}), model {model_path}, {len(ckpts)} checkpoint(s), "
+      f"{len(records)} records from {', '.join(files)}, {len(done)} already in {records_path}")
+steps.write_json_atomic(os.path.join(args.out, "meta.json"),
+                        {"args": vars(args), "model_path": model_path, "checkpoints": ckpts, "files": files,
+                         "device": device, "dtype": str(dtype)})
+t0 = time.time()
+with open(records_path, "a") as fout:
+    for name, step, ckpt in ckpts:
+        todo = [r for r in records if f"{name}/{r['id']}" not in done]
+        if not todo:
+            continue
+        model = lm.load_model(model_path, ckpt, device, dtype)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        todo.sort(key=lambda r: len(json.dumps(r["messages"])))  # similar prompt lengths share a batch
+        bar = tqdm(total=len(todo), desc=f"probe {name}", unit="rec")
+        for b in range(0, len(todo), args.batch_size):
+            batch = todo[b:b + args.batch_size]
+            rows = conflict_batch(model, tok, batch) if args.conflicts else probe_batch(model, tok, batch)
+            for rec, row in zip(batch, rows):
+                row.update(id=f"{name}/{rec['id']}", checkpoint=name, step=step)
+                if not args.conflicts:
+                    shares = attribution(model, tok, rec) if rec["id"] in attr_ids else {}
+                    for g in ("prompt", "thought", "other"):
+                        row[f"attn_{g}"], row[f"grad_{g}"] = shares.get(f"attn_{g}"), shares.get(f"grad_{g}")
+            steps.append_jsonl(fout, rows)
+            done_recs += rows
+            bar.update(len(batch))
+        bar.close()
+        del model
+
+keys = ["checkpoint", "step", "env", "split"] + (["method"] if args.conflicts else [])
+metrics = CONFLICT_METRICS if args.conflicts else PROBE_METRICS + sorted(
+    {k for r in done_recs for k in r if k.startswith("trunc_")}, key=lambda k: (k.split("_")[1], int(k.split("_")[-1])))
+wanted = {f"{n}/{r['id']}" for n, _, _ in ckpts for r in records}
+rows = steps.summarize([r for r in done_recs if r["id"] in wanted], keys, metrics, seed=args.seed)
+rows.sort(key=lambda r: (r["step"], r["checkpoint"], r["env"], r["split"], r.get("method", "")))
+steps.write_jsonl_atomic(os.path.join(args.out, "summary.jsonl"), rows)
+steps.write_csv_atomic(os.path.join(args.out, "summary.csv"), rows)
+headline = ("follows", "anchors") if args.conflicts else ("prompt_correct", "cot_correct", "consistent")
+for row in rows:
+    print(f"{row['checkpoint']:>32} {row['env']:>12} {row['split']:>8} n={row['n']:4d} " +
+          " ".join(f"{m} {row[m]:.3f}" for m in headline if row[m] is not None))
+print(f"probe done: {len(rows)} summary rows, {time.time() - t0:.0f}s, {os.path.join(args.out, 'summary.csv')}")
