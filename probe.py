@@ -368,4 +368,4 @@ headline = ("follows", "anchors") if args.conflicts else ("prompt_correct", "cot
 for row in rows:
     print(f"{row['checkpoint']:>32} {row['env']:>12} {row['split']:>8} n={row['n']:4d} " +
           " ".join(f"{m} {row[m]:.3f}" for m in headline if row[m] is not None))
-print(f"probe done: {len(rows)} summary rows, {time.time() - t0:.0f}s, {os.path.join(args.out, 'summary.csv')}")
+print(f"probe done: {len(rows)} summary rows, {time.time() - t0:.1f}s, {os.path.join(args.out, 'summary.csv')}")
