@@ -361,3 +361,74 @@ def make_env(name):
     if name not in ENV_CLASSES:
         raise EnvError(f"unknown environment {name!r}; expected one of {', '.join(ENV_CLASSES)}")
     return ENV_CLASSES[name]()
+
+
+# ----------------------------------------------------------------------------- worker process
+
+INVALID_FEEDBACK = {"alfworld": ("Nothing happens.",), "scienceworld": ("No known action matches that input.",)}
+
+
+def serve():
+    """`python envs.py --serve`: one environment in its own process, driven by JSON lines.
+
+    evaluate.py runs one per parallel slot, so a crash or hang kills only this process (it is
+    restarted), and the JVM of ScienceWorld dies with it. Requests and replies, one line each:
+        {"cmd": "reset", "task": {...}, "valid": true}  -> {"ok": true, "obs", "info", "valid", "plan"}
+        {"cmd": "step", "action": "...", "valid": true} -> {"ok": true, "obs", "reward", "done", "info", "valid", "invalid"}
+        {"cmd": "close"}                                -> exits
+    An exception becomes {"ok": false, "error": "..."}. ScienceWorld gets a fresh JVM per episode:
+    its worlds depend on the JVM's history of loads, and evaluation must not depend on scheduling.
+    """
+    proto = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)  # library prints go to stderr, never into the protocol
+    envs, current = {}, None
+    for line in sys.stdin:
+        msg = json.loads(line)
+        try:
+            if msg["cmd"] == "close":
+                break
+            if msg["cmd"] == "reset":
+                name = msg["task"]["env"]
+                if name == "scienceworld" and name in envs:
+                    envs.pop(name).close()
+                if name not in envs:
+                    envs[name] = make_env(name)
+                current = envs[name]
+                obs, info = current.reset(msg["task"])
+                reply = {"obs": obs, "info": info, "plan": current.expert_plan(),
+                         "valid": current.valid_actions() if msg.get("valid") else None}
+            elif msg["cmd"] == "step":
+                action = msg["action"]
+                if current.name == "alfworld":  # admissible commands are free in ALFWorld
+                    invalid = action not in current.valid_actions()
+                elif current.name == "bfcl":
+                    invalid = not _parses(action)
+                obs, reward, done, info = current.step(action)
+                if current.name == "scienceworld":
+                    invalid = obs.startswith(INVALID_FEEDBACK["scienceworld"])
+                reply = {"obs": obs, "reward": reward, "done": done, "info": info, "invalid": invalid,
+                         "valid": current.valid_actions() if msg.get("valid") and not done else None}
+            else:
+                raise ValueError(f"unknown command {msg['cmd']!r}")
+            reply["ok"] = True
+        except Exception as e:  # noqa: BLE001  (any env failure is reported to the driver, which restarts us)
+            reply = {"ok": False, "error": f"{type(e).__name__}: {e}"}
+        proto.write(json.dumps(reply) + "\n")
+        proto.flush()
+    for env in envs.values():
+        env.close()
+
+
+def _parses(action):
+    try:
+        parse_calls(action)
+        return True
+    except (ValueError, TypeError, SyntaxError):
+        return False
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--serve"]:
+        serve()
+    else:
+        sys.exit("usage: python envs.py --serve  (an environment worker for evaluate.py)")

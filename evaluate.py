@@ -1,0 +1,470 @@
+"""evaluate.py: online rollouts of prompt actions vs CoT actions, in-domain and out-of-domain, many envs at once.
+
+Runs whole episodes on the test tasks of the step data (make_data.py's <data>/<env>_<split>.jsonl
+name the episodes; the environments rebuild them) with the same prompt format as training:
+  prompt  the turn is prefilled with the action tag; the model writes the action line
+  cot     the turn is prefilled with the thought tag; the model reasons, then writes the action
+With --log-both (default) every step also records what the other mode would have done in that same
+state, so CoT-vs-prompt agreement is measured on-policy. --policy expert / random give the ceiling and
+the floor. --num-envs environments run in lockstep, each in its own worker process (envs.py --serve);
+each step's prompts go through one batched pass (lm.run_branches: left padding, KV cache). Finished
+episodes are replaced by new ones. A worker that crashes or hangs (--step-timeout) is restarted and
+the episode retried once, then recorded with its error. An invalid or empty action is sent as is.
+
+Writes to --out: episodes.jsonl (one line per episode, appended and flushed; a rerun skips ids
+already there), summary.jsonl and summary.csv (success, score, steps, invalid actions and on-policy
+agreement per checkpoint x env x split x mode with bootstrap 95% intervals, plus mode "cot-prompt":
+the paired CoT-minus-prompt difference on the same tasks), meta.json. One record:
+    "id":          "k0.3_seed0/checkpoint-000040/cot/alfworld/ood_test/pick_two_obj_and_place-1/trial_0"
+    "checkpoint":  "k0.3_seed0/checkpoint-000040"    "step": 40    (base model: "base", 0; "expert", "random")
+    "env", "task_type", "split", "task_id", "mode":  "cot"
+    "won": false, "score": 0.0, "steps": 50, "invalid_actions": 12, "agreement": 0.34, "error": null
+    "transcript":  [{"obs": "...", "output": " I need ...\\nAction: go to shelf 1", "action": "go to shelf 1",
+                     "other_action": "take mug 1 from shelf 1", "invalid": false}, ...]
+
+    python evaluate.py --adapter runs/k0.3_seed0 --env all --split id_test,ood_test --mode both
+    python evaluate.py --policy expert --env alfworld,bfcl --data /tmp/d --out /tmp/eval_expert
+"""
+import argparse
+import glob
+import json
+import os
+import random
+import select
+import subprocess
+import sys
+import time
+
+parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+# what to run
+parser.add_argument("--policy", default="model", choices=["model", "expert", "random"], help="who acts")
+parser.add_argument("--model", default="smollm2-135m", help="base model: hub id, local folder, or smollm2-135m (embedded)")
+parser.add_argument("--adapter", nargs="*", default=[], help="train.py checkpoint folders, or run folders (their last checkpoint)")
+parser.add_argument("--all-checkpoints", action="store_true", help="run folders expand to every checkpoint, not just the last")
+parser.add_argument("--with-base", action="store_true", help="also evaluate the base model when --adapter is given")
+parser.add_argument("--mode", default="both", choices=["prompt", "cot", "both"], help="how the model acts")
+parser.add_argument("--no-log-both", action="store_true", help="do not record the other mode's action at each step")
+# which episodes
+parser.add_argument("--env", default="all", help="comma list of alfworld, scienceworld, bfcl, or all")
+parser.add_argument("--split", default="id_test,ood_test", help="comma list of id_test, ood_test")
+parser.add_argument("--data", default="data/generated", help="make_data.py output folder: its <env>_<split>.jsonl name the episodes")
+parser.add_argument("--max-episodes", type=int, default=0, help="per env x split, a seeded sample of this many episodes (0 = all)")
+parser.add_argument("--history", type=int, default=4, help="past exchanges kept in the prompt (as in make_data.py)")
+# generation
+parser.add_argument("--backend", default="hf", choices=["hf", "vllm"], help="hf (batched branches, CPU or GPU) or vllm (GPU, LoRA)")
+parser.add_argument("--max-action-tokens", type=int, default=96, help="greedy tokens for an action line")
+parser.add_argument("--max-thought-tokens", type=int, default=192, help="greedy tokens for reasoning + action in cot mode")
+parser.add_argument("--max-rows", type=int, default=16, help="generation rows per forward pass (hf backend)")
+# run
+parser.add_argument("--num-envs", type=int, default=8, help="environments stepping in lockstep (worker processes)")
+parser.add_argument("--step-timeout", type=float, default=120.0, help="seconds an env reset/step may take before its worker is restarted")
+parser.add_argument("--worker-cmd", default="", help="environment worker command (default: this python, envs.py --serve)")
+parser.add_argument("--seed", type=int, default=0, help="episode sample, random policy, bootstrap")
+parser.add_argument("--out", default="results/eval", help="output folder")
+parser.add_argument("--device", default="auto", help="auto (cuda+bf16 if present, else cpu+fp32), cpu, cuda, cuda:1")
+parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+args = parser.parse_args()
+
+from tqdm import tqdm  # noqa: E402
+
+import steps  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+METRICS = ["won", "score", "steps", "invalid_rate", "agreement", "errored"]
+
+
+def fail(msg):
+    sys.exit(f"error: {msg}")
+
+
+# ----------------------------------------------------------------------------- episodes
+
+def load_tasks():
+    """Task dicts of the test episodes named by the step data, per env and split, in file order."""
+    import envs
+    want_envs = list(steps.ENVS) if args.env == "all" else args.env.split(",")
+    for e in want_envs:
+        if e not in steps.ENVS:
+            fail(f"--env: unknown environment {e!r}; expected {', '.join(steps.ENVS)} or all")
+    splits = args.split.split(",")
+    for s in splits:
+        if s not in ("id_test", "ood_test"):
+            fail(f"--split: unknown split {s!r}; expected id_test and/or ood_test")
+    meta_path = os.path.join(args.data, "meta.json")
+    data_args = json.load(open(meta_path))["args"] if os.path.exists(meta_path) else {}
+    rng = random.Random(f"episodes/{args.seed}")
+    tasks = []
+    for env in want_envs:
+        known = None
+        for split in splits:
+            path = os.path.join(args.data, f"{env}_{split}.jsonl")
+            if not os.path.exists(path):
+                fail(f"{path} not found: make it with make_data.py (or pass --data)")
+            ids = list(dict.fromkeys(r["task_id"] for r in steps.read_jsonl(path, required=("task_id",))))
+            if args.max_episodes and len(ids) > args.max_episodes:
+                ids = [ids[i] for i in sorted(rng.sample(range(len(ids)), args.max_episodes))]
+            if env == "scienceworld":
+                for tid in ids:
+                    _, name, var = tid.split("/")
+                    tasks.append({"id": tid, "env": env, "task_type": name, "split": split, "task_name": name, "variation": int(var)})
+                continue
+            if known is None:
+                if env == "alfworld":
+                    root = data_args.get("alfworld_data")
+                    if root:
+                        root = os.path.join(root, "json_2.1.1") if os.path.isdir(os.path.join(root, "json_2.1.1")) else root
+                    known = {t["id"]: t for t in envs.alfworld_tasks(root or os.path.join(args.data, "alfworld_games"))}
+                else:
+                    known = {t["id"]: t for t in envs.bfcl_tasks()}
+            for tid in ids:
+                if tid not in known:
+                    fail(f"{path}: episode {tid} is not among the {env} tasks (was the data made elsewhere?)")
+                tasks.append(dict(known[tid], split=split))
+    return tasks
+
+
+class WorkerError(RuntimeError):
+    pass
+
+
+class Worker:
+    """One environment process, spoken to in JSON lines (see envs.serve)."""
+
+    def __init__(self):
+        self.proc = None
+        self.start()
+
+    def start(self):
+        cmd = args.worker_cmd.split() if args.worker_cmd else [sys.executable, os.path.join(HERE, "envs.py"), "--serve"]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                     text=True, cwd=HERE)
+
+    def send(self, msg):
+        try:
+            self.proc.stdin.write(json.dumps(msg) + "\n")
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError) as e:
+            raise WorkerError(f"worker died: {e}") from None
+
+    def recv(self):
+        ready, _, _ = select.select([self.proc.stdout], [], [], args.step_timeout)
+        if not ready:
+            raise WorkerError(f"no reply in {args.step_timeout:.0f}s (hung)")
+        line = self.proc.stdout.readline()
+        if not line:
+            raise WorkerError(f"worker exited with code {self.proc.wait()}")
+        reply = json.loads(line)
+        if not reply["ok"]:
+            raise WorkerError(reply["error"])
+        return reply
+
+    def restart(self):
+        self.close()
+        self.start()
+
+    def close(self):
+        if self.proc and self.proc.poll() is None:
+            try:
+                self.proc.stdin.write(json.dumps({"cmd": "close"}) + "\n")
+                self.proc.stdin.flush()
+                self.proc.wait(timeout=10)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait()
+
+
+def new_episode(task, mode, ckpt):
+    name, step, _ = ckpt
+    return {"id": f"{name}/{mode}/{task['id']}", "checkpoint": name, "step": step, "env": task["env"],
+            "task_type": task["task_type"], "split": task["split"], "task_id": task["id"], "mode": mode,
+            "task": task, "tries": 0}
+
+
+def begin(ep):
+    """Reset state of an (re)started episode."""
+    ep.update(observations=[], actions=[], transcript=[], won=False, score=0.0, invalid=0, goal=None, functions=None,
+              max_steps=None, plan=None, valid=None, t_start=time.time())
+
+
+def finish(ep, error=None):
+    n = len(ep["actions"])
+    agree = [steps.normalize_action(s["action"]) == steps.normalize_action(s["other_action"])
+             for s in ep["transcript"] if s.get("other_action") is not None]
+    return {k: ep[k] for k in ("id", "checkpoint", "step", "env", "task_type", "split", "task_id", "mode")} | {
+        "won": bool(ep["won"]) if error is None else False, "score": ep["score"] if error is None else 0.0,
+        "steps": n, "invalid_actions": ep["invalid"], "invalid_rate": round(ep["invalid"] / n, 4) if n else None,
+        "agreement": round(sum(agree) / len(agree), 4) if agree else None, "error": error,
+        "errored": error is not None, "seconds": round(time.time() - ep["t_start"], 2), "transcript": ep["transcript"]}
+
+
+# ----------------------------------------------------------------------------- policies
+
+class HFPolicy:
+    """Prompt-mode and CoT-mode actions of a batch of states: one prompt pass, then branches."""
+
+    def __init__(self, model, tok):
+        self.model, self.tok = model, tok
+
+    def act(self, messages_list, wants):
+        import lm
+        thought_tag, action_tag = steps.tags()
+        prompts = [steps.render_prompt(self.tok, m) for m in messages_list]
+        enc = [lm.encode_parts(self.tok, [p, action_tag, thought_tag]) for p in prompts]
+        branches, keys = [], []
+        for i, want in enumerate(wants):
+            if "prompt" in want:
+                branches.append({"row": i, "prefix": enc[i][1], "max_new": args.max_action_tokens, "stop": "line"})
+                keys.append((i, "prompt"))
+            if "cot" in want:
+                branches.append({"row": i, "prefix": lm.encode_parts(self.tok, [prompts[i], thought_tag])[1],
+                                 "max_new": args.max_thought_tokens, "stop": "action"})
+                keys.append((i, "cot"))
+        state = lm.encode_prompts(self.model, [e[0] for e in enc], self.tok.pad_token_id)
+        out = [{} for _ in wants]
+        for (i, mode), res in zip(keys, lm.run_branches(self.model, self.tok, state, branches, args.max_rows)):
+            out[i][mode] = res["text"]
+        return out
+
+
+class VllmPolicy:
+    """The same two modes through vLLM (GPU): the CoT turn is generated up to its action tag, then the action line."""
+
+    def __init__(self, model_path, adapter):
+        from vllm import LLM, SamplingParams
+        from vllm.lora.request import LoRARequest
+        self.SamplingParams = SamplingParams
+        self.llm = LLM(model=model_path, enable_lora=bool(adapter), seed=args.seed)
+        self.lora = LoRARequest("adapter", 1, adapter) if adapter else None
+        self.tok = self.llm.get_tokenizer()
+
+    def _gen(self, texts, max_tokens, stop):
+        params = self.SamplingParams(temperature=0, max_tokens=max_tokens, stop=stop, include_stop_str_in_output=True)
+        return [o.outputs[0].text for o in self.llm.generate(texts, params, lora_request=self.lora, use_tqdm=False)]
+
+    def act(self, messages_list, wants):
+        thought_tag, action_tag = steps.tags()
+        prompts = [steps.render_prompt(self.tok, m) for m in messages_list]
+        out = [{} for _ in wants]
+        idx = [i for i, w in enumerate(wants) if "prompt" in w]
+        for i, text in zip(idx, self._gen([prompts[i] + action_tag for i in idx], args.max_action_tokens, ["\n"])):
+            out[i]["prompt"] = text
+        idx = [i for i, w in enumerate(wants) if "cot" in w]
+        heads = self._gen([prompts[i] + thought_tag for i in idx], args.max_thought_tokens, ["\n" + action_tag])
+        tails = self._gen([prompts[i] + thought_tag + h for i, h in zip(idx, heads)], args.max_action_tokens, ["\n"])
+        for i, h, t in zip(idx, heads, tails):
+            out[i]["cot"] = h + t if h.endswith(action_tag) else h
+        return out
+
+
+def parse_mode(mode, text):
+    """The action a mode's output names ('' when the CoT output has no action tag: sent as is, counted invalid)."""
+    if text is None:
+        return None
+    if mode == "prompt":
+        return steps.first_line(text)
+    _, action = steps.parse_response(steps.tags()[0] + text)
+    return action if action is not None else ""
+
+
+# ----------------------------------------------------------------------------- the lockstep loop
+
+def run_checkpoint(ckpt, episodes, policy, workers, fout):
+    rng = random.Random(f"random-policy/{args.seed}")
+    queue = list(episodes)
+    slots = [None] * len(workers)
+    log_both = not args.no_log_both and args.policy == "model"
+    bar = tqdm(total=len(queue), desc=f"eval {ckpt[0]}", unit="ep")
+    n_done = 0
+
+    def crashed(s, err):
+        """Restart the slot's worker; retry the episode once, then record it with its error."""
+        nonlocal n_done
+        ep = slots[s]
+        workers[s].restart()
+        if ep["tries"] < 2:
+            queue.insert(0, ep)
+        else:
+            steps.append_jsonl(fout, [finish(ep, error=str(err))])
+            n_done += 1
+            bar.update()
+        slots[s] = None
+
+    while queue or any(slots):
+        # Fill free slots: send every reset first, then read the replies (workers reset in parallel).
+        started = []
+        for s in range(len(slots)):
+            if slots[s] is None and queue:
+                ep = queue.pop(0)
+                ep["tries"] += 1
+                begin(ep)
+                slots[s] = ep
+                try:
+                    workers[s].send({"cmd": "reset", "task": ep["task"], "valid": args.policy == "random"})
+                    started.append(s)
+                except WorkerError as e:
+                    crashed(s, e)
+        for s in started:
+            try:
+                r = workers[s].recv()
+            except WorkerError as e:
+                crashed(s, e)
+                continue
+            ep = slots[s]
+            ep.update(observations=[r["obs"]], goal=r["info"]["task"], functions=r["info"].get("functions"),
+                      max_steps=r["info"]["max_steps"], plan=r["plan"], valid=r["valid"])
+        live = [s for s in range(len(slots)) if slots[s] is not None and slots[s]["goal"] is not None]
+        if not live:
+            continue
+        # Decide every live episode's action in one batched pass.
+        outputs = [{} for _ in live]
+        if args.policy == "model":
+            msgs = [steps.build_messages(slots[s]["env"], slots[s]["goal"], slots[s]["observations"], slots[s]["actions"],
+                                         args.history, slots[s]["functions"]) for s in live]
+            wants = [{"prompt", "cot"} if log_both else {slots[s]["mode"]} for s in live]
+            outputs = policy.act(msgs, wants)
+        for s, out in zip(live, outputs):
+            ep = slots[s]
+            t = len(ep["actions"])
+            if args.policy == "expert":
+                action, entry = (ep["plan"][t] if t < len(ep["plan"]) else "look"), {}
+            elif args.policy == "random":
+                action = random_action(ep, rng)
+                entry = {}
+            else:
+                action = parse_mode(ep["mode"], out[ep["mode"]])
+                other = "cot" if ep["mode"] == "prompt" else "prompt"
+                entry = {"output": out[ep["mode"]], "other_action": parse_mode(other, out.get(other)) if log_both else None}
+            ep["pending"] = dict(obs=ep["observations"][-1], action=action, **entry)
+            try:
+                workers[s].send({"cmd": "step", "action": action, "valid": args.policy == "random"})
+            except WorkerError as e:
+                crashed(s, e)
+        for s in live:
+            ep = slots[s]
+            if ep is None or "pending" not in ep:
+                continue
+            try:
+                r = workers[s].recv()
+            except WorkerError as e:
+                crashed(s, e)
+                continue
+            entry = ep.pop("pending")
+            entry["invalid"] = bool(r["invalid"])
+            ep["transcript"].append(entry)
+            ep["actions"].append(entry["action"])
+            ep["observations"].append(r["obs"])
+            ep["invalid"] += entry["invalid"]
+            ep["won"], ep["score"], ep["valid"] = r["info"]["won"], r["info"]["score"], r["valid"]
+            if r["done"] or len(ep["actions"]) >= ep["max_steps"]:
+                steps.append_jsonl(fout, [finish(ep)])
+                slots[s] = None
+                n_done += 1
+                bar.update()
+    bar.close()
+    return n_done
+
+
+def random_action(ep, rng):
+    if ep["env"] == "bfcl":  # no action list: a random function with no arguments
+        return f"[{rng.choice(ep['task']['functions'])['name']}()]"
+    return rng.choice(ep["valid"]) if ep["valid"] else "look around"
+
+
+def checkpoint_list():
+    """[(name, step, adapter folder or None)]; run folders give their last (or, with --all-checkpoints, every) checkpoint."""
+    if args.policy != "model":
+        return [(args.policy, 0, None)]
+    out = [("base", 0, None)] if args.with_base or not args.adapter else []
+    for item in args.adapter:
+        if not os.path.isdir(item):
+            fail(f"adapter folder not found: {item}")
+        found = sorted(glob.glob(os.path.join(item, "checkpoint-[0-9]*")))
+        for ckpt in (found if args.all_checkpoints else found[-1:]) or [item]:
+            meta_path = os.path.join(ckpt, "meta.json")
+            if not os.path.exists(meta_path):
+                fail(f"{ckpt}: no meta.json, not a train.py checkpoint")
+            with open(meta_path) as f:
+                step = json.load(f)["step"]
+            out.append((f"{os.path.basename(os.path.dirname(os.path.abspath(ckpt)))}/{os.path.basename(ckpt)}", step, ckpt))
+    return out
+
+
+def summarize(records):
+    rows = steps.summarize(records, ["checkpoint", "step", "env", "split", "mode"], METRICS, seed=args.seed)
+    # Paired CoT-minus-prompt difference, task by task, where both modes ran.
+    pairs = {}
+    for r in records:
+        if r["mode"] in ("prompt", "cot") and not r["errored"]:
+            pairs.setdefault((r["checkpoint"], r["step"], r["env"], r["split"], r["task_id"]), {})[r["mode"]] = r
+    diffs = []
+    for (ck, st, env, split, _), p in pairs.items():
+        if len(p) == 2:
+            diffs.append({"checkpoint": ck, "step": st, "env": env, "split": split, "mode": "cot-prompt",
+                          "won": float(p["cot"]["won"]) - float(p["prompt"]["won"]),
+                          "score": p["cot"]["score"] - p["prompt"]["score"]})
+    rows += steps.summarize(diffs, ["checkpoint", "step", "env", "split", "mode"], ["won", "score"], seed=args.seed)
+    rows.sort(key=lambda r: (r["step"], r["checkpoint"], r["env"], r["split"], r["mode"]))
+    return rows
+
+
+# ----------------------------------------------------------------------------- main
+
+ckpts = checkpoint_list()
+try:
+    tasks = load_tasks()
+except steps.DataError as e:
+    fail(str(e))
+modes = ["prompt", "cot"] if args.mode == "both" else [args.mode]
+if args.policy != "model":
+    modes = [args.policy]
+os.makedirs(args.out, exist_ok=True)
+out_path = os.path.join(args.out, "episodes.jsonl")
+done = {r["id"] for r in steps.read_done(out_path)}
+model_path = None
+if args.policy == "model":
+    import torch
+
+    import lm
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device, dtype = lm.pick_device(args.device)
+    try:
+        model_path = lm.resolve_model(args.model)
+        tok = lm.load_tokenizer(model_path)
+    except (OSError, ValueError) as e:
+        fail(f"cannot load model {args.model!r}: {e}")
+    print(f"evaluate: policy model, backend {args.backend}, device {device} ({dtype}), model {model_path}")
+print(f"evaluate: {len(ckpts)} checkpoint(s) x {len(tasks)} episodes x modes {','.join(modes)}, "
+      f"{args.num_envs} envs, {len(done)} episodes already in {out_path}")
+steps.write_json_atomic(os.path.join(args.out, "meta.json"), {"args": vars(args), "model_path": model_path,
+                                                              "checkpoints": ckpts, "episodes": len(tasks)})
+t0 = time.time()
+workers = []
+try:
+    with open(out_path, "a") as fout:
+        for ckpt in ckpts:
+            todo = [ep for mode in modes for t in tasks for ep in [new_episode(t, mode, ckpt)] if ep["id"] not in done]
+            if not todo:
+                continue
+            policy = None
+            if args.policy == "model":
+                if args.backend == "vllm":
+                    policy = VllmPolicy(model_path, ckpt[2])
+                else:
+                    policy = HFPolicy(lm.load_model(model_path, ckpt[2], device, dtype), tok)
+            while len(workers) < min(args.num_envs, len(todo)):
+                workers.append(Worker())
+            run_checkpoint(ckpt, todo, policy, workers, fout)
+            del policy
+finally:
+    for w in workers:
+        w.close()
+
+records = [r for r in steps.read_done(out_path) if r["checkpoint"] in {c[0] for c in ckpts}]
+rows = summarize(records)
+steps.write_jsonl_atomic(os.path.join(args.out, "summary.jsonl"), rows)
+steps.write_csv_atomic(os.path.join(args.out, "summary.csv"), rows)
+for r in rows:
+    print(f"{r['checkpoint']:>32} {r['env']:>12} {r['split']:>8} {r['mode']:>10} n={r['n']:3d} won {r['won']:+.3f} "
+          f"[{r['won_lo']:+.3f}, {r['won_hi']:+.3f}] score {r['score']:.3f}")
+print(f"evaluate done: {len(records)} episodes, {time.time() - t0:.1f}s, {os.path.join(args.out, 'summary.csv')}")
