@@ -49,6 +49,7 @@ parser.add_argument("--env", default="all", help="comma list of alfworld, scienc
 parser.add_argument("--split", default="id_test,ood_test", help="comma list of id_test, ood_test")
 parser.add_argument("--data", default="data/generated", help="make_data.py output folder: its <env>_<split>.jsonl name the episodes")
 parser.add_argument("--max-episodes", type=int, default=0, help="per env x split, a seeded sample of this many episodes (0 = all)")
+parser.add_argument("--max-steps", type=int, default=0, help="cap on steps per episode (0 = the env's own: ALFWorld 50, ScienceWorld per task, BFCL 1)")
 parser.add_argument("--history", type=int, default=4, help="past exchanges kept in the prompt (as in make_data.py)")
 # generation
 parser.add_argument("--backend", default="hf", choices=["hf", "vllm"], help="hf (batched branches, CPU or GPU) or vllm (GPU, LoRA)")
@@ -311,7 +312,7 @@ def run_checkpoint(ckpt, episodes, policy, workers, fout):
                 continue
             ep = slots[s]
             ep.update(observations=[r["obs"]], goal=r["info"]["task"], functions=r["info"].get("functions"),
-                      max_steps=r["info"]["max_steps"], plan=r["plan"], valid=r["valid"])
+                      max_steps=min(r["info"]["max_steps"], args.max_steps or 10 ** 9), plan=r["plan"], valid=r["valid"])
         live = [s for s in range(len(slots)) if slots[s] is not None and slots[s]["goal"] is not None]
         if not live:
             continue

@@ -46,3 +46,23 @@ def tiny_model(tmp_path_factory):
     LlamaForCausalLM(config).save_pretrained(folder)
     tok.save_pretrained(folder)
     return str(folder)
+
+
+@pytest.fixture(scope="session")
+def sci_data(tmp_path_factory):
+    """ScienceWorld step data of one in-domain task (find-living-thing) and one OOD task (find-animal)."""
+    out = tmp_path_factory.mktemp("sci_data")
+    run("make_data.py", "--env", "scienceworld", "--sciworld-tasks", "find-living-thing,find-animal", "--seed", "5", "--out", str(out))
+    return out
+
+
+@pytest.fixture(scope="session")
+def all_data(small_data, sci_data, tmp_path_factory):
+    """One data folder with all three environments (ALFWorld and BFCL from small_data, ScienceWorld from sci_data)."""
+    import shutil
+    out = tmp_path_factory.mktemp("all_data") / "d"
+    shutil.copytree(small_data[0], out)
+    for name in os.listdir(sci_data):
+        if name.startswith("scienceworld_"):
+            shutil.copy(os.path.join(sci_data, name), out)
+    return out

@@ -188,17 +188,15 @@ def test_sciworld_expert_scores_100_and_jvm_closes():
     assert proc.poll() is not None
 
 
-def test_sciworld_data_is_deterministic_and_split(tmp_path):
+def test_sciworld_data_is_deterministic_and_split(sci_data, tmp_path):
     """ScienceWorld worlds depend on the JVM's history of loads; make_data runs them in a fixed
-    order, so the same command writes the same bytes."""
-    argv = ["make_data.py", "--env", "scienceworld", "--sciworld-tasks", "find-living-thing,find-animal",
-            "--seed", "5"]
-    for name in ("a", "b"):
-        run(*argv, "--out", str(tmp_path / name))
+    order, so the same command writes the same bytes (sci_data was made by the same command)."""
+    run("make_data.py", "--env", "scienceworld", "--sciworld-tasks", "find-living-thing,find-animal", "--seed", "5",
+        "--out", str(tmp_path / "b"))
     for split in steps.SPLITS:
-        a = (tmp_path / "a" / f"scienceworld_{split}.jsonl").read_bytes()
+        a = (sci_data / f"scienceworld_{split}.jsonl").read_bytes()
         assert a == (tmp_path / "b" / f"scienceworld_{split}.jsonl").read_bytes()
-    rows = {s: steps.read_steps(str(tmp_path / "a" / f"scienceworld_{s}.jsonl")) for s in steps.SPLITS}
+    rows = {s: steps.read_steps(str(sci_data / f"scienceworld_{s}.jsonl")) for s in steps.SPLITS}
     assert {r["task_type"] for r in rows["ood_test"]} == {"find-animal"}  # 4-4, last task of its topic
     assert {r["task_type"] for r in rows["train"] + rows["id_test"]} == {"find-living-thing"}
     for r in rows["train"]:

@@ -1,0 +1,89 @@
+"""evaluate.py: expert ceiling, both modes on the tiny model in all three environments, resume, env crashes and hangs."""
+import json
+import os
+import sys
+
+from conftest import ROOT, run
+
+TINY = ["--threads", "1", "--max-thought-tokens", "6", "--max-action-tokens", "6", "--max-steps", "3"]
+FIELDS = {"id", "checkpoint", "step", "env", "task_type", "split", "task_id", "mode", "won", "score", "steps",
+          "invalid_actions", "invalid_rate", "agreement", "error", "errored", "seconds", "transcript"}
+
+
+def read(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_expert_wins_every_episode(all_data, tmp_path):
+    run("evaluate.py", "--policy", "expert", "--data", str(all_data), "--out", str(tmp_path), "--num-envs", "3")
+    recs = read(tmp_path / "episodes.jsonl")
+    assert {r["env"] for r in recs} == {"alfworld", "scienceworld", "bfcl"}
+    assert {r["split"] for r in recs} == {"id_test", "ood_test"}
+    want = {json.loads(line)["task_id"] for n in os.listdir(all_data) if n.endswith("_test.jsonl")
+            for line in open(all_data / n)}
+    assert sorted(r["task_id"] for r in recs) == sorted(want)  # every test episode once
+    for r in recs:
+        assert set(r) == FIELDS
+        assert r["won"] and r["score"] == 1.0 and r["error"] is None and r["invalid_actions"] == 0
+        assert r["steps"] == len(r["transcript"])
+    summary = read(tmp_path / "summary.jsonl")
+    assert all(row["won"] == 1.0 and row["mode"] == "expert" for row in summary)
+
+
+def test_random_policy_is_a_floor(all_data, tmp_path):
+    run("evaluate.py", "--policy", "random", "--data", str(all_data), "--env", "alfworld,bfcl", "--out", str(tmp_path),
+        "--max-steps", "5")
+    recs = read(tmp_path / "episodes.jsonl")
+    assert recs and all(r["steps"] <= 5 for r in recs)
+    assert all(not r["won"] for r in recs if r["env"] == "bfcl")  # a call with no arguments never passes
+
+
+def test_tiny_model_both_modes_all_envs_and_resume(tiny_model, all_data, tmp_path):
+    argv = ["evaluate.py", "--model", tiny_model, "--data", str(all_data), "--max-episodes", "1", "--num-envs", "4",
+            "--mode", "both", *TINY]
+    run(*argv, "--out", str(tmp_path / "a"))
+    recs = read(tmp_path / "a" / "episodes.jsonl")
+    assert len(recs) == 3 * 2 * 2  # envs x splits x modes, one episode each
+    assert len({r["id"] for r in recs}) == len(recs)
+    for r in recs:
+        assert set(r) == FIELDS and r["checkpoint"] == "base" and r["error"] is None
+        assert 1 <= r["steps"] <= 3
+        for s in r["transcript"]:
+            assert {"obs", "output", "action", "other_action", "invalid"} <= set(s)
+            assert s["other_action"] is not None  # --log-both: the other mode at the same state
+        assert 0 <= r["invalid_actions"] <= r["steps"]
+    summary = read(tmp_path / "a" / "summary.jsonl")
+    assert {row["mode"] for row in summary} == {"prompt", "cot", "cot-prompt"}
+    # Killed after 5 episodes, mid-write of the 6th: the rerun finishes the rest, nothing twice.
+    lines = (tmp_path / "a" / "episodes.jsonl").read_bytes().splitlines(keepends=True)
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "episodes.jsonl").write_bytes(b"".join(lines[:5]) + lines[5][:30])
+    proc = run(*argv, "--out", str(tmp_path / "b"))
+    assert "5 episodes already in" in proc.stdout
+    resumed = read(tmp_path / "b" / "episodes.jsonl")
+    assert sorted(r["id"] for r in resumed) == sorted(r["id"] for r in recs)
+
+
+def test_crashed_or_hung_env_is_restarted_and_retried(all_data, tmp_path):
+    for mode in ("crash-once", "hang-once"):
+        out = tmp_path / mode
+        worker = f"{sys.executable} {os.path.join(ROOT, 'tests', 'fake_worker.py')} {mode} {tmp_path / (mode + '.marker')}"
+        run("evaluate.py", "--policy", "expert", "--data", str(all_data), "--env", "alfworld", "--split", "ood_test",
+            "--num-envs", "2", "--step-timeout", "20", "--worker-cmd", worker, "--out", str(out))
+        recs = read(out / "episodes.jsonl")
+        assert len(recs) == 2 and all(r["won"] and r["error"] is None for r in recs)
+    worker = f"{sys.executable} {os.path.join(ROOT, 'tests', 'fake_worker.py')} crash-always {tmp_path / 'always.marker'}"
+    run("evaluate.py", "--policy", "expert", "--data", str(all_data), "--env", "alfworld", "--split", "ood_test",
+        "--worker-cmd", worker, "--out", str(tmp_path / "always"))
+    recs = read(tmp_path / "always" / "episodes.jsonl")
+    assert len(recs) == 2 and all(r["errored"] and "worker exited with code 3" in r["error"] for r in recs)
+
+
+def test_bad_inputs_fail_clearly(tiny_model, tmp_path):
+    proc = run("evaluate.py", "--policy", "expert", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "o"), check=False)
+    assert proc.returncode != 0 and "none/alfworld_id_test.jsonl not found" in proc.stderr
+    proc = run("evaluate.py", "--policy", "expert", "--env", "minecraft", "--out", str(tmp_path / "o"), check=False)
+    assert proc.returncode != 0 and "unknown environment 'minecraft'" in proc.stderr
+    proc = run("evaluate.py", "--model", tiny_model, "--adapter", str(tmp_path / "nope"), "--out", str(tmp_path / "o"), check=False)
+    assert proc.returncode != 0 and "adapter folder not found" in proc.stderr
