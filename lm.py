@@ -190,6 +190,8 @@ def encode_prompts(model, prompts, pad_id):
 def _finished(text, stop):
     """Is a greedy branch done? 'line': a non-empty line was completed; 'action': the line after the
     last action tag was completed (the reasoning and then its action were written)."""
+    if stop == "never":  # benchmarks: always run to max_new
+        return False
     if stop == "action":
         tag = steps.tags()[1]
         if tag not in text:
