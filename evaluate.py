@@ -205,8 +205,12 @@ class HFPolicy:
 
     def __init__(self, model, tok):
         self.model, self.tok = model, tok
+        self.cache = {}  # episode id -> its last prompt's KV cache (lm.prompt_cache)
 
-    def act(self, messages_list, wants):
+    def forget(self, key):
+        self.cache.pop(key, None)
+
+    def act(self, keys_list, messages_list, wants):
         import lm
         thought_tag, action_tag = steps.tags()
         prompts = [steps.render_prompt(self.tok, m) for m in messages_list]
@@ -220,7 +224,10 @@ class HFPolicy:
                 branches.append({"row": i, "prefix": lm.encode_parts(self.tok, [prompts[i], thought_tag])[1],
                                  "max_new": args.max_thought_tokens, "stop": "action"})
                 keys.append((i, "cot"))
-        state = lm.encode_prompts(self.model, [e[0] for e in enc], self.tok.pad_token_id)
+        state = lm.encode_prompts(self.model, [e[0] for e in enc], self.tok.pad_token_id,
+                                  reuse=[self.cache.get(k) for k in keys_list])
+        for r, k in enumerate(keys_list):
+            self.cache[k] = lm.prompt_cache(state, r)
         out = [{} for _ in wants]
         for (i, mode), res in zip(keys, lm.run_branches(self.model, self.tok, state, branches, args.max_rows)):
             out[i][mode] = res["text"]
@@ -238,11 +245,14 @@ class VllmPolicy:
         self.lora = LoRARequest("adapter", 1, adapter) if adapter else None
         self.tok = self.llm.get_tokenizer()
 
+    def forget(self, key):
+        pass  # vLLM's own prefix caching covers repeated prompt prefixes
+
     def _gen(self, texts, max_tokens, stop):
         params = self.SamplingParams(temperature=0, max_tokens=max_tokens, stop=stop, include_stop_str_in_output=True)
         return [o.outputs[0].text for o in self.llm.generate(texts, params, lora_request=self.lora, use_tqdm=False)]
 
-    def act(self, messages_list, wants):
+    def act(self, keys_list, messages_list, wants):
         thought_tag, action_tag = steps.tags()
         prompts = [steps.render_prompt(self.tok, m) for m in messages_list]
         out = [{} for _ in wants]
@@ -281,6 +291,8 @@ def run_checkpoint(ckpt, episodes, policy, workers, fout):
         """Restart the slot's worker; retry the episode once, then record it with its error."""
         nonlocal n_done
         ep = slots[s]
+        if policy is not None:
+            policy.forget(ep["id"])
         workers[s].restart()
         if ep["tries"] < 2:
             queue.insert(0, ep)
@@ -322,7 +334,7 @@ def run_checkpoint(ckpt, episodes, policy, workers, fout):
             msgs = [steps.build_messages(slots[s]["env"], slots[s]["goal"], slots[s]["observations"], slots[s]["actions"],
                                          args.history, slots[s]["functions"]) for s in live]
             wants = [{"prompt", "cot"} if log_both else {slots[s]["mode"]} for s in live]
-            outputs = policy.act(msgs, wants)
+            outputs = policy.act([slots[s]["id"] for s in live], msgs, wants)
         for s, out in zip(live, outputs):
             ep = slots[s]
             t = len(ep["actions"])
@@ -357,6 +369,8 @@ def run_checkpoint(ckpt, episodes, policy, workers, fout):
             ep["invalid"] += entry["invalid"]
             ep["won"], ep["score"], ep["valid"] = r["info"]["won"], r["info"]["score"], r["valid"]
             if r["done"] or len(ep["actions"]) >= ep["max_steps"]:
+                if policy is not None:
+                    policy.forget(ep["id"])
                 steps.append_jsonl(fout, [finish(ep)])
                 slots[s] = None
                 n_done += 1

@@ -164,27 +164,69 @@ def _last_logits(model, ids, mask, pos, cache, keep):
     return model.get_output_embeddings()(picked).float()
 
 
-def encode_prompts(model, prompts, pad_id):
-    """Run a batch of prompts (lists of token ids) once, left-padded; the state every branch starts from.
+def encode_prompts(model, prompts, pad_id, reuse=None):
+    """Run a batch of prompts (lists of token ids) once; the state every branch starts from.
 
-    Returns {"layers": [(keys, values)] per layer with batch rows = prompts, "mask": (B, P) attention
-    mask, "next_pos": (B,) position id of each prompt's next token}.
+    reuse: optional per prompt, the {"ids", "layers"} of an earlier prompt (see prompt_cache): the
+    longest common token prefix is taken from it and only the rest is computed. An agent's prompt at
+    step t+1 starts like its prompt at step t (system, task, first observation), so rollouts pay only
+    for the new turns. Cached prefixes are left-padded to a common width, new tokens right-padded
+    after them; pads are masked and position ids are explicit, so no row sees another's padding.
+
+    Returns {"layers": [(keys, values)] per layer, batch rows = prompts, "mask": (B, W) attention
+    mask, "next_pos": (B,) position id of each prompt's next token, "ids": the prompts, "reused": tokens
+    taken from the cache per prompt}.
     """
     import torch
     from transformers import DynamicCache
     device = model.device
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for r, p in enumerate(prompts):
-        ids[r, width - len(p):] = torch.tensor(p)
-        mask[r, width - len(p):] = 1
-    ids, mask = ids.to(device), mask.to(device)
-    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    reuse = reuse or [None] * len(prompts)
+    common = []
+    for p, old in zip(prompts, reuse):
+        n = 0
+        if old is not None:
+            limit = min(len(p), len(old["ids"]))
+            while n < limit and p[n] == old["ids"][n]:
+                n += 1
+        common.append(n)
+    width_c, width_n = max(common), max(len(p) - c for p, c in zip(prompts, common))
+    mask_c = torch.zeros((len(prompts), width_c), dtype=torch.long, device=device)
     cache = DynamicCache()
-    with torch.no_grad():
-        model.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
-    return {"layers": _layers(cache), "mask": mask, "next_pos": mask.sum(1)}
+    if width_c:
+        layers = []
+        n_layers = len(next(o for o in reuse if o is not None)["layers"])
+        for layer in range(n_layers):
+            k0, v0 = next(o for o in reuse if o is not None)["layers"][layer]
+            k = k0.new_zeros((len(prompts), k0.shape[0], width_c, k0.shape[2]))
+            v = v0.new_zeros((len(prompts), v0.shape[0], width_c, v0.shape[2]))
+            for r, (old, c) in enumerate(zip(reuse, common)):
+                if c:
+                    k[r, :, width_c - c:] = old["layers"][layer][0][:, :c]
+                    v[r, :, width_c - c:] = old["layers"][layer][1][:, :c]
+            layers.append((k, v))
+        for r, c in enumerate(common):
+            mask_c[r, width_c - c:] = 1
+        cache = DynamicCache(layers)
+    ids = torch.full((len(prompts), width_n), pad_id, dtype=torch.long)
+    mask_n = torch.zeros((len(prompts), width_n), dtype=torch.long)
+    for r, (p, c) in enumerate(zip(prompts, common)):
+        ids[r, :len(p) - c] = torch.tensor(p[c:], dtype=torch.long)
+        mask_n[r, :len(p) - c] = 1
+    ids, mask_n = ids.to(device), mask_n.to(device)
+    mask = torch.cat([mask_c, mask_n], 1)
+    if width_n:
+        pos = torch.tensor(common, device=device)[:, None] + torch.arange(width_n, device=device)[None]
+        with torch.no_grad():
+            model.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+    return {"layers": _layers(cache), "mask": mask, "next_pos": mask.sum(1), "ids": [list(p) for p in prompts],
+            "reused": common}
+
+
+def prompt_cache(state, r):
+    """Row r of a prompt state without its padding: {"ids", "layers": [(keys, values) as (heads, len, dim)]},
+    the reuse entry for that agent's next prompt."""
+    keep = state["mask"][r].bool()
+    return {"ids": state["ids"][r], "layers": [(k[r][:, keep], v[r][:, keep]) for k, v in state["layers"]]}
 
 
 def _finished(text, stop):

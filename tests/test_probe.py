@@ -56,6 +56,36 @@ def test_branches_match_a_full_forward_and_generate(tiny_model, small_data):
         assert tok.decode(got[3 + i]["ids"], skip_special_tokens=True) == text
 
 
+def test_reused_prompt_prefix_gives_the_same_branches(tiny_model, small_data):
+    """evaluate.py reuses each agent's previous prompt cache; the answers must not change."""
+    import torch
+    torch.set_num_threads(1)
+    tok = lm.load_tokenizer(tiny_model)
+    model = lm.load_model(tiny_model, None, "cpu", torch.float32)
+    recs = steps.read_steps(os.path.join(small_data[0], "alfworld_id_test.jsonl"))
+    by_task = {}
+    for r in recs:
+        by_task.setdefault(r["task_id"], []).append(r)
+    # Steps t and t+1 of two episodes: t+1's prompt extends t's (plus one with no cache at all).
+    pairs = [(eps[0], eps[1]) for eps in by_task.values() if len(eps) > 1][:2]
+    first = [lm.encode_parts(tok, [steps.render_prompt(tok, a["messages"])])[0] for a, _ in pairs]
+    old = lm.encode_prompts(model, first, tok.pad_token_id)
+    nxt = [lm.encode_parts(tok, [steps.render_prompt(tok, b["messages"]), "Action:", " " + b["action"]]) for _, b in pairs]
+    nxt.append(lm.encode_parts(tok, [steps.render_prompt(tok, recs[-1]["messages"]), "Action:", " " + recs[-1]["action"]]))
+    reuse = [lm.prompt_cache(old, 0), lm.prompt_cache(old, 1), None]
+    fresh = lm.encode_prompts(model, [p[0] for p in nxt], tok.pad_token_id)
+    cached = lm.encode_prompts(model, [p[0] for p in nxt], tok.pad_token_id, reuse=reuse)
+    assert min(cached["reused"][:2]) > 100 and cached["reused"][2] == 0 and fresh["reused"] == [0, 0, 0]
+    branches = [{"row": i, "prefix": p[1], "target": p[2]} for i, p in enumerate(nxt)]
+    branches += [{"row": i, "prefix": p[1], "max_new": 5, "stop": "line"} for i, p in enumerate(nxt)]
+    a, b = lm.run_branches(model, tok, fresh, branches), lm.run_branches(model, tok, cached, branches)
+    for x, y in zip(a, b):
+        if "logprobs" in x:
+            assert x["logprobs"] == pytest.approx(y["logprobs"], abs=1e-4)
+        else:
+            assert x["ids"] == y["ids"]
+
+
 def test_probe_known_answers(tiny_model, memorized, tmp_path):
     data, run_dir, rec = memorized
     out = tmp_path / "probe"

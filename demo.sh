@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# The whole study, small, on the embedded SmolLM2-135M-Instruct: data -> train k=0 and k=0.3 -> probe,
+# conflicts, rollouts -> tables and figures in results/demo/report/. About 20 minutes on 2 CPU cores.
+# Every stage resumes, so a rerun after a kill continues; SEED=1 bash demo.sh gives another seed.
+set -euo pipefail
+cd "$(dirname "$0")"
+PY=${PY:-.venv/bin/python}
+SEED=${SEED:-0}
+DATA=${DATA:-data/demo}
+OUT=${OUT:-results/demo}
+THREADS=${THREADS:-2}
+mkdir -p "$OUT"
+stage() { printf '\n== [%s] %s\n' "$(date +%H:%M:%S)" "$*"; }
+
+stage "1/6 data: expert trajectories of ALFWorld, ScienceWorld (find-* tasks) and BFCL -> $DATA"
+if [ ! -f "$DATA/meta.json" ]; then
+  $PY make_data.py --env all --seed "$SEED" --out "$DATA" --alfworld-train-per-type 6 --alfworld-test-per-type 2 \
+    --sciworld-tasks find-living-thing,find-non-living-thing,find-plant,find-animal --bfcl-train 60 --bfcl-test 6
+fi
+
+for K in 0.0 0.3; do
+  stage "2/6 train: LoRA SFT of SmolLM2-135M with --mask-action-frac $K -> $OUT/runs/k${K}_seed$SEED"
+  RUN="$OUT/runs/k${K}_seed$SEED"
+  if [ ! -f "$RUN/done" ]; then
+    $PY train.py --data "$DATA/*_train.jsonl" --mask-action-frac "$K" --seed "$SEED" --max-examples 64 --epochs 1 \
+      --batch-size 4 --lr 5e-4 --save-every 8 --log-every 4 --threads "$THREADS" --out "$RUN" \
+      $( [ -d "$RUN" ] && echo --resume )
+    touch "$RUN/done"
+  fi
+done
+
+stage "3/6 conflicts: a valid different action a2 and a trace arguing for it, per test step"
+$PY make_conflicts.py --data "$DATA/*_id_test.jsonl" "$DATA/*_ood_test.jsonl" --pool "$DATA/*_train.jsonl" \
+  --max-per-split 2 --seed "$SEED" --out "$OUT/conflicts.jsonl"
+
+stage "4/6 probe: prompt action vs CoT action at every checkpoint (base = step 0)"
+$PY probe.py --data "$DATA/*_id_test.jsonl" "$DATA/*_ood_test.jsonl" --max-records 2 --attribution-samples 2 \
+  --max-thought-tokens 96 --seed "$SEED" --threads "$THREADS" --out "$OUT/probe/base"
+for K in 0.0 0.3; do
+  $PY probe.py --no-base --checkpoints "$OUT/runs/k${K}_seed$SEED" --data "$DATA/*_id_test.jsonl" "$DATA/*_ood_test.jsonl" \
+    --max-records 2 --attribution-samples 2 --max-thought-tokens 96 --seed "$SEED" --threads "$THREADS" \
+    --out "$OUT/probe/k${K}_seed$SEED"
+done
+
+stage "5/6 conflict probe: follow the trace (a2) or anchor on the prompt (a1)?"
+$PY probe.py --conflicts "$OUT/conflicts.jsonl" --seed "$SEED" --threads "$THREADS" --out "$OUT/conflicts/base"
+for K in 0.0 0.3; do
+  $PY probe.py --no-base --checkpoints "$OUT/runs/k${K}_seed$SEED" --conflicts "$OUT/conflicts.jsonl" --seed "$SEED" \
+    --threads "$THREADS" --out "$OUT/conflicts/k${K}_seed$SEED"
+done
+
+stage "6/6 rollouts: prompt mode and CoT mode, in-domain and out-of-domain, 8 environments in lockstep"
+for K in 0.0 0.3; do
+  $PY evaluate.py --adapter "$OUT/runs/k${K}_seed$SEED" --data "$DATA" --env all --mode both --max-episodes 1 \
+    --max-steps 8 --max-thought-tokens 96 --num-envs 8 --seed "$SEED" --threads "$THREADS" --out "$OUT/eval/k${K}_seed$SEED"
+done
+
+stage "report: tables and figures"
+$PY report.py --results "$OUT"
+stage "demo done: results in $OUT/report (results.md, *.png, *.csv)"

@@ -1,0 +1,286 @@
+"""report.py: the study's tables and figures from probe.py and evaluate.py outputs (one run or a whole sweep).
+
+Reads every <results>/probe/*/records.jsonl, <results>/conflicts/*/records.jsonl and
+<results>/eval/*/episodes.jsonl; each checkpoint is tied to its training run (k = --mask-action-frac,
+seed) through the meta.json that train.py wrote beside it. Records of all environments are pooled
+per split (id_test / ood_test); every number is a mean with a bootstrap 95% interval.
+
+Writes to <results>/report/: one PNG per figure and the CSV behind it, and results.md (the tables).
+  agreement.png      prompt-action and CoT-action accuracy vs training step, ID and OOD
+  revisions.png      consistency and helpful / harmful revisions vs training step
+  truncation.png     CoT action accuracy and reference log-likelihood vs kept share of the reasoning
+  conflicts.png      following the conflicting trace (a2) vs anchoring on the prompt (a1) vs step
+  attribution.png    share of attention and of input gradient of the action on prompt vs thought
+  online.png         success rate by mode, ID vs OOD, per k (last checkpoint of each run)
+  ood_vs_k.png       OOD success vs k, by mode (seeds pooled)
+Same inputs, same bytes: nothing here depends on time or order on disk.
+
+    python report.py --results results/demo
+    python report.py --results results/sweep
+"""
+import argparse
+import glob
+import json
+import os
+import re
+import sys
+
+parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+parser.add_argument("--results", default="results/demo", help="folder holding probe/, conflicts/ and eval/ subfolders")
+parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+args = parser.parse_args()
+
+import matplotlib  # noqa: E402
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+import steps  # noqa: E402
+
+OUT = os.path.join(args.results, "report")
+SPLITS = ("id_test", "ood_test")
+SPLIT_NAME = {"id_test": "in-domain", "ood_test": "out-of-domain"}
+
+
+def fail(msg):
+    sys.exit(f"error: {msg}")
+
+
+def run_info(folder):
+    """{checkpoint name: (run, k, seed)} from a probe/eval output's meta.json and the checkpoints' own meta."""
+    meta_path = os.path.join(folder, "meta.json")
+    if not os.path.exists(meta_path):
+        fail(f"{meta_path} missing: not a probe.py / evaluate.py output folder")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    info = {}
+    for name, _, path in meta["checkpoints"]:
+        if path is None:
+            info[name] = ("base", None, None)
+            continue
+        ckpt_meta = os.path.join(path, "meta.json")
+        if os.path.exists(ckpt_meta):
+            with open(ckpt_meta) as f:
+                a = json.load(f)["args"]
+            k, seed = (None if a.get("no_cot") else a["mask_action_frac"]), a["seed"]
+        else:  # the run folder moved: fall back on train.py's default naming k{k}_seed{seed}
+            m = re.match(r"k([\d.]+)_seed(\d+)", name)
+            k, seed = (float(m.group(1)), int(m.group(2))) if m else (None, None)
+        info[name] = (name.split("/")[0], k, seed)
+    return info
+
+
+def load(kind, filename):
+    """All records of <results>/<kind>/*/<filename>, each tagged with run, k and seed."""
+    recs = []
+    for folder in sorted(glob.glob(os.path.join(args.results, kind, "*"))):
+        path = os.path.join(folder, filename)
+        if not os.path.exists(path):
+            continue
+        info = run_info(folder)
+        for r in steps.read_jsonl(path):
+            if r["checkpoint"] not in info:
+                continue
+            run, k, seed = info[r["checkpoint"]]
+            recs.append(dict(r, run=run, k=k, seed=seed))
+    return recs
+
+
+def per_run(recs):
+    """Base-model records are step 0 of every run in the same file set: copy them into each run."""
+    runs = sorted({r["run"] for r in recs if r["run"] != "base"})
+    out = [r for r in recs if r["run"] != "base"]
+    for r in recs:
+        if r["run"] == "base":
+            out += [dict(r, run=run) for run in runs] or [r]
+    return out
+
+
+def table(recs, keys, metrics):
+    rows = steps.summarize(recs, keys, metrics, seed=args.seed)
+    return sorted(rows, key=lambda r: tuple(str(r[k]) if not isinstance(r[k], (int, float)) else f"{r[k]:012.4f}" for k in keys))
+
+
+def save(fig, name, rows):
+    os.makedirs(OUT, exist_ok=True)
+    fig.savefig(os.path.join(OUT, name + ".png"), dpi=110, bbox_inches="tight", metadata={"Software": None})
+    plt.close(fig)
+    steps.write_csv_atomic(os.path.join(OUT, name + ".csv"), rows)
+
+
+def curves(ax, rows, x, metric, label_of, style=None):
+    """One line per group with a shaded 95% interval."""
+    groups = {}
+    for r in rows:
+        groups.setdefault(label_of(r), []).append(r)
+    for label, rs in sorted(groups.items()):
+        rs = sorted((r for r in rs if r[metric] is not None), key=lambda r: r[x])
+        if not rs:
+            continue
+        xs = [r[x] for r in rs]
+        line, = ax.plot(xs, [r[metric] for r in rs], marker="o", ms=3, label=label, **(style or {}))
+        ax.fill_between(xs, [r[f"{metric}_lo"] for r in rs], [r[f"{metric}_hi"] for r in rs], alpha=0.15, color=line.get_color())
+
+
+def by_split_figure(rows, metrics, ylabel, x="step", xlabel="training step (optimizer steps)", ylim=(-0.02, 1.02)):
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)
+    for ax, split in zip(axes, SPLITS):
+        sub = [r for r in rows if r["split"] == split]
+        for metric, name in metrics:
+            curves(ax, sub, x, metric, lambda r, name=name: f"{name}, {r['run']}")
+        ax.set_title(SPLIT_NAME[split])
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+        if ylim:
+            ax.set_ylim(*ylim)
+    axes[0].set_ylabel(ylabel)
+    axes[1].legend(fontsize=7, loc="best")
+    return fig
+
+
+def bars(ax, rows, metric, group_key, bar_key, bar_names):
+    groups = sorted({r[group_key] for r in rows}, key=str)
+    width = 0.8 / max(1, len(bar_names))
+    for j, (b, name) in enumerate(bar_names):
+        ys, los, his = [], [], []
+        for g in groups:
+            row = next((r for r in rows if r[group_key] == g and r[bar_key] == b), None)
+            y = row[metric] if row and row[metric] is not None else float("nan")
+            ys.append(y)
+            los.append(y - row[f"{metric}_lo"] if row and row[metric] is not None else 0)
+            his.append(row[f"{metric}_hi"] - y if row and row[metric] is not None else 0)
+        ax.bar([i + j * width for i in range(len(groups))], ys, width, yerr=[los, his], capsize=3, label=name)
+    ax.set_xticks([i + width * (len(bar_names) - 1) / 2 for i in range(len(groups))])
+    ax.set_xticklabels([str(g) for g in groups])
+
+
+def md_table(rows, cols):
+    lines = ["| " + " | ".join(c for c, _ in cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        cells = []
+        for _, key in cols:
+            v = r.get(key)
+            if isinstance(v, float) and f"{key}_lo" in r and r[f"{key}_lo"] is not None:
+                cells.append(f"{v:.2f} [{r[key + '_lo']:.2f}, {r[key + '_hi']:.2f}]")
+            elif isinstance(v, float):
+                cells.append(f"{v:.2f}")
+            else:
+                cells.append("" if v is None else str(v))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- figures
+
+md = [f"# Results: {args.results}", "",
+      "Every number: mean over records (all environments pooled per split) [bootstrap 95% interval]. "
+      "Made by `python report.py --results " + args.results + "`.", ""]
+probe = per_run(load("probe", "records.jsonl"))
+if probe:
+    rows = table(probe, ["run", "step", "split"], ["prompt_correct", "cot_correct", "consistent", "helpful", "harmful",
+                                                   "rank1_prompt", "rank1_thought", "ll_prompt_mean", "ll_thought_mean"])
+    fig = by_split_figure(rows, [("prompt_correct", "prompt action"), ("cot_correct", "CoT action")], "accuracy vs reference action")
+    fig.suptitle("Where the gains land: prompt action vs CoT action", y=1.02)
+    save(fig, "agreement", rows)
+    fig = by_split_figure(rows, [("consistent", "consistent (prompt = CoT)"), ("helpful", "helpful revision"),
+                                 ("harmful", "harmful revision")], "share of steps")
+    fig.suptitle("Consistency and revisions of the CoT action", y=1.02)
+    save(fig, "revisions", rows)
+    md += ["## Probe: prompt action vs CoT action", "", md_table(rows, [
+        ("run", "run"), ("step", "step"), ("split", "split"), ("n", "n"), ("prompt acc", "prompt_correct"),
+        ("CoT acc", "cot_correct"), ("consistent", "consistent"), ("helpful", "helpful"), ("harmful", "harmful"),
+        ("rank-1 prompt", "rank1_prompt"), ("LL/token prompt", "ll_prompt_mean"), ("LL/token w/ thought", "ll_thought_mean")]), ""]
+
+    # Truncation: the last checkpoint of every run, and the base model.
+    last = {}
+    for r in probe:
+        last[r["run"]] = max(last.get(r["run"], 0), r["step"])
+    pts = []
+    for r in probe:
+        if r["step"] == last[r["run"]] or r["step"] == 0:
+            for key in r:
+                m = re.match(r"trunc_correct_(\d+)$", key)
+                if m:
+                    pct = int(m.group(1))
+                    label = "base" if r["step"] == 0 else r["run"]
+                    pts.append({"model": label, "split": r["split"], "kept_pct": pct, "correct": r[key],
+                                "ll": r[f"trunc_ll_{pct}"], "id": r["id"]})
+    pts = list({(p["model"], p["id"], p["kept_pct"]): p for p in pts}.values())
+    trows = table(pts, ["model", "split", "kept_pct"], ["correct", "ll"])
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    for ax, (metric, ylabel) in zip(axes, (("correct", "action accuracy after the kept reasoning"),
+                                           ("ll", "log-likelihood of reference action (nats)"))):
+        for split, ls in zip(SPLITS, ("-", "--")):
+            curves(ax, [r for r in trows if r["split"] == split], "kept_pct", metric,
+                   lambda r, split=split: f"{r['model']}, {SPLIT_NAME[split]}", style={"linestyle": ls})
+        ax.set_xlabel("reference reasoning kept (% of words)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7)
+    fig.suptitle("Truncated reasoning: how much does the action depend on the trace?", y=1.02)
+    save(fig, "truncation", trows)
+
+    att = [r for r in probe if r.get("attn_prompt") is not None]
+    if att:
+        arows = table(att, ["run", "step", "split"], ["attn_prompt", "attn_thought", "grad_prompt", "grad_thought"])
+        fig = by_split_figure(arows, [("attn_prompt", "attention on prompt"), ("attn_thought", "attention on thought"),
+                                      ("grad_prompt", "gradient on prompt"), ("grad_thought", "gradient on thought")],
+                              "share of the action's attention / input gradient")
+        fig.suptitle("Where the action's signal comes from (reference thought in context)", y=1.02)
+        save(fig, "attribution", arows)
+        md += ["## Attribution: shares from the action onto prompt vs thought", "", md_table(arows, [
+            ("run", "run"), ("step", "step"), ("split", "split"), ("n", "n"), ("attn prompt", "attn_prompt"),
+            ("attn thought", "attn_thought"), ("grad prompt", "grad_prompt"), ("grad thought", "grad_thought")]), ""]
+
+conf = per_run(load("conflicts", "records.jsonl"))
+if conf:
+    rows = table(conf, ["run", "step", "split"], ["follows", "anchors", "neither", "prefers_a2"])
+    fig = by_split_figure(rows, [("follows", "follows trace (a2)"), ("anchors", "anchors on prompt (a1)")], "share of conflict probes")
+    fig.suptitle("Conflicting reasoning: follow the trace or the prompt?", y=1.02)
+    save(fig, "conflicts", rows)
+    md += ["## Conflict probe", "", md_table(rows, [("run", "run"), ("step", "step"), ("split", "split"), ("n", "n"),
+                                                    ("follows a2", "follows"), ("anchors a1", "anchors"), ("neither", "neither"),
+                                                    ("prefers a2 (LL)", "prefers_a2")]), ""]
+
+episodes = load("eval", "episodes.jsonl")
+if episodes:
+    for r in episodes:
+        r["k_label"] = "base" if r["run"] == "base" else ("no-CoT" if r["k"] is None else f"k={r['k']}")
+    last = {}
+    for r in episodes:
+        last[r["run"]] = max(last.get(r["run"], -1), r["step"])
+    final = [r for r in episodes if r["step"] == last[r["run"]] and r["mode"] in ("prompt", "cot")]
+    rows = table(final, ["k_label", "split", "mode"], ["won", "score", "agreement", "invalid_rate"])
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)
+    for ax, split in zip(axes, SPLITS):
+        bars(ax, [r for r in rows if r["split"] == split], "won", "k_label", "mode", [("prompt", "prompt action"), ("cot", "CoT action")])
+        ax.set_title(SPLIT_NAME[split])
+        ax.set_xlabel("model (training objective)")
+        ax.set_ylim(0, 1.05)
+        ax.grid(alpha=0.3, axis="y")
+    axes[0].set_ylabel("episode success rate")
+    axes[1].legend(fontsize=8)
+    fig.suptitle("Online success by acting mode (last checkpoint of each run)", y=1.02)
+    save(fig, "online", rows)
+    md += ["## Online rollouts (last checkpoint of each run)", "", md_table(rows, [
+        ("model", "k_label"), ("split", "split"), ("mode", "mode"), ("n", "n"), ("success", "won"), ("score", "score"),
+        ("prompt-CoT agreement", "agreement"), ("invalid actions", "invalid_rate")]), ""]
+    trained = [r for r in final if r["k"] is not None and r["split"] == "ood_test"]
+    if trained:
+        krows = table(trained, ["mode", "k"], ["won", "score"])
+        fig, ax = plt.subplots(figsize=(5.5, 3.8))
+        curves(ax, krows, "k", "won", lambda r: f"{r['mode']} action")
+        ax.set_xlabel("k = share of examples with the action loss masked")
+        ax.set_ylabel("out-of-domain success rate")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        ax.set_title("OOD success vs --mask-action-frac (seeds pooled)")
+        save(fig, "ood_vs_k", krows)
+
+if not (probe or conf or episodes):
+    fail(f"nothing to report under {args.results} (expected probe/*, conflicts/*, eval/* folders)")
+os.makedirs(OUT, exist_ok=True)
+with open(os.path.join(OUT, "results.md"), "w") as f:
+    f.write("\n".join(md) + "\n")
+print(f"report done: {len(probe)} probe, {len(conf)} conflict, {len(episodes)} episode records -> {OUT}")
