@@ -268,6 +268,7 @@ if step == 0 and main_process and os.path.exists(metrics_path):
 acc = {"loss": 0.0, "n": 0, "action": 0.0, "n_action": 0, "thought": 0.0, "n_thought": 0, "tokens": 0}
 t_log = time.time()
 t_start = time.time()
+run_tokens = 0  # real (unpadded) tokens through the model in this process, for the final throughput
 bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not main_process)
 while step < total_steps:
     epoch, pos = divmod(step, batches_per_epoch)
@@ -299,6 +300,7 @@ while step < total_steps:
                 acc[name] += (tok_loss * m).sum().item()
                 acc[f"n_{name}"] += m.sum().item()
             acc["tokens"] += attn.sum().item()
+            run_tokens += attn.sum().item()
     if world > 1:
         for p in params:  # sum of slices = the whole batch's gradient (the loss is divided by the batch's n_sup)
             if p.grad is None:
@@ -342,5 +344,9 @@ bar.close()
 if world > 1:
     dist.destroy_process_group()
 if main_process:
-        print(f"train done: {step} steps, {len(examples)} examples, k={args.mask_action_frac}, "
-          f"{time.time() - t_start:.0f}s, final {os.path.join(out_dir, f'checkpoint-{step:06d}')}")
+    import resource
+    seconds = time.time() - t_start
+    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # Linux reports KiB
+    print(f"train done: {step} steps, {len(examples)} examples, k={args.mask_action_frac}, {seconds:.1f}s, "
+          f"{run_tokens * world / max(seconds, 1e-9):.1f} tok/s, peak RSS {peak_gb:.2f} GB, "
+          f"final {os.path.join(out_dir, f'checkpoint-{step:06d}')}")

@@ -1,0 +1,115 @@
+"""bench/train_speed.py: train.py's training throughput against TRL's SFTTrainer (+ peft) and against the
+machine's measured matmul peak, same model, data, LoRA config, batch size and threads, in one run.
+
+    pip install -r bench/requirements-trl.txt     # TRL only for this benchmark (make bench-deps)
+    python bench/train_speed.py --examples 32 --batch-size 4
+
+Prints, for each trainer, real (unpadded) tokens per second over the same examples (one pass),
+peak RSS, and model FLOP utilisation = 6 x parameters x tokens/s / measured matmul FLOP/s:
+
+    matmul peak 88.1 GFLOP/s (2 threads, fp32 2048x2048)
+    train.py  1234.5 tok/s  MFU 0.42  peak RSS 3.1 GB
+    TRL       845.2 tok/s   MFU 0.29  peak RSS 5.2 GB
+    train.py / TRL: 1.46x
+"""
+import argparse
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+parser.add_argument("--model", default="smollm2-135m", help="hub id, local folder, or smollm2-135m (embedded)")
+parser.add_argument("--data", default="data/generated/alfworld_train.jsonl", help="step JSONL")
+parser.add_argument("--examples", type=int, default=32, help="examples, one pass (a multiple of --batch-size)")
+parser.add_argument("--batch-size", type=int, default=4, help="examples per optimizer step")
+parser.add_argument("--lora-r", type=int, default=16, help="LoRA rank (alpha = 2r, dropout 0.05, all linear projections)")
+parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+parser.add_argument("--skip-trl", action="store_true", help="only train.py and the matmul peak")
+parser.add_argument("--trl-worker", action="store_true", help=argparse.SUPPRESS)
+args = parser.parse_args()
+
+import torch  # noqa: E402
+
+import lm  # noqa: E402
+import steps  # noqa: E402
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def trl_worker():
+    """TRL's SFTTrainer on the examples train.py would pick (its seeded shuffle of --max-examples)."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM
+    from trl import SFTConfig, SFTTrainer
+    import resource
+    torch.set_num_threads(args.threads)
+    records = steps.read_steps(args.data)
+    random.Random(0).shuffle(records)
+    records = records[:args.examples]
+    data = Dataset.from_list([{"prompt": r["messages"], "completion": [
+        {"role": "assistant", "content": steps.format_response(r["thought"], r["action"])}]} for r in records])
+    path = lm.resolve_model(args.model)
+    tok = lm.load_tokenizer(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    config = SFTConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.batch_size,
+                       max_steps=args.examples // args.batch_size, learning_rate=2e-4, lr_scheduler_type="cosine",
+                       warmup_ratio=0.05, logging_steps=10 ** 6, save_strategy="no", report_to=[], use_cpu=True,
+                       bf16=False, fp16=False, dataloader_num_workers=0, max_length=1024, seed=0,
+                       completion_only_loss=True, disable_tqdm=True)
+    peft = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.05, target_modules=TARGETS, task_type="CAUSAL_LM")
+    trainer = SFTTrainer(model=model, args=config, train_dataset=data, processing_class=tok, peft_config=peft)
+    tokens = sum(len(x) for x in trainer.train_dataset["input_ids"])
+    t0 = time.time()
+    trainer.train()
+    seconds = time.time() - t0
+    print(json.dumps({"tok_s": tokens / seconds, "seconds": seconds, "tokens": tokens,
+                      "peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}))
+
+
+if args.trl_worker:
+    trl_worker()
+    sys.exit(0)
+
+torch.set_num_threads(args.threads)
+a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+for _ in range(3):
+    a @ b
+reps, t0 = 20, time.time()
+for _ in range(reps):
+    a @ b
+peak = 2 * 2048 ** 3 * reps / (time.time() - t0)
+print(f"matmul peak {peak / 1e9:.1f} GFLOP/s ({args.threads} threads, fp32 2048x2048)")
+
+from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
+with torch.device("meta"):
+    n_params = sum(p.numel() for p in AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(lm.resolve_model(args.model))).parameters())
+
+out = tempfile.mkdtemp(prefix="train_speed_")
+proc = subprocess.run([sys.executable, "train.py", "--model", args.model, "--data", args.data, "--max-examples", str(args.examples),
+                       "--max-steps", str(args.examples // args.batch_size), "--batch-size", str(args.batch_size),
+                       "--lora-r", str(args.lora_r), "--lora-alpha", str(2 * args.lora_r), "--threads", str(args.threads),
+                       "--device", "cpu", "--log-every", "1000", "--out", os.path.join(out, "run")],
+                      cwd=ROOT, capture_output=True, text=True)
+if proc.returncode:
+    sys.exit(f"train.py failed:\n{proc.stderr[-3000:]}")
+m = re.search(r"([\d.]+) tok/s, peak RSS ([\d.]+) GB", proc.stdout)
+ours, ours_gb = float(m.group(1)), float(m.group(2))
+print(f"train.py  {ours:8.1f} tok/s  MFU {6 * n_params * ours / peak:.2f}  peak RSS {ours_gb:.2f} GB  ({n_params / 1e6:.1f}M params)")
+if not args.skip_trl:
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--trl-worker", "--model", args.model, "--data", args.data,
+                           "--examples", str(args.examples), "--batch-size", str(args.batch_size), "--lora-r", str(args.lora_r),
+                           "--threads", str(args.threads)], cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode:
+        sys.exit(f"TRL run failed (pip install -r bench/requirements-trl.txt):\n{proc.stderr[-3000:]}")
+    trl = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(f"TRL       {trl['tok_s']:8.1f} tok/s  MFU {6 * n_params * trl['tok_s'] / peak:.2f}  peak RSS {trl['peak_gb']:.2f} GB")
+    print(f"train.py / TRL: {ours / trl['tok_s']:.2f}x")
