@@ -1,11 +1,14 @@
 # Everything a fresh machine needs, from the project's own files.
 #   make setup   .venv with pinned packages (alfworld builds jericho and fast-downward: ~5 min once)
 #   make data    the default step JSONL for all three environments (data/generated/)
-#   make test    the test suite (tiny random model, real environments)
+#   make test    the test suite (tiny random model, real environments; CI runs this)
+#   make demo    the whole study, small, on the embedded SmolLM2-135M (~20 min on 2 CPU cores)
+#   make test-slow   end-to-end tests on the real embedded model (minutes)
+#   make bench-deps  TRL, only for bench/train_speed.py
 PY := .venv/bin/python
 SEED ?= 0
 
-.PHONY: setup data test demo clean
+.PHONY: setup data test test-slow demo sweep bench-deps clean
 
 setup: .venv/.done
 
@@ -22,5 +25,17 @@ data: setup
 test: setup
 	$(PY) -m pytest -q tests
 
+test-slow: setup
+	$(PY) -m pytest -q -m slow tests
+
+demo: setup
+	SEED=$(SEED) bash demo.sh
+
+sweep: setup
+	bash sweep.sh
+
+bench-deps: setup
+	$(PY) -m pip install --quiet -r bench/requirements-trl.txt
+
 clean:
-	rm -rf data/generated cache out
+	rm -rf data/generated data/demo cache out results

@@ -27,6 +27,7 @@ parser.add_argument("--mode", default="cot", choices=["prompt", "cot", "both"], 
 parser.add_argument("--max-episodes", type=int, default=8, help="episodes per env x split")
 parser.add_argument("--max-steps", type=int, default=8, help="steps per episode (keeps the sequential run short)")
 parser.add_argument("--max-thought-tokens", type=int, default=96, help="as in evaluate.py")
+parser.add_argument("--no-log-both", action="store_true", help="act in --mode only (no other-mode branch), as ReAct/ETO loops do")
 parser.add_argument("--num-envs", type=int, default=8, help="parallel environments of the batched run")
 parser.add_argument("--threads", type=int, default=2, help="torch CPU threads, both runs")
 parser.add_argument("--device", default="cpu", help="as in evaluate.py")
@@ -40,6 +41,8 @@ def evaluate(num_envs, out):
            "--out", out]
     if args.adapter:
         cmd += ["--adapter", args.adapter]
+    if args.no_log_both:
+        cmd += ["--no-log-both"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if proc.returncode:
         sys.exit(f"evaluate.py failed:\n{proc.stderr[-3000:]}")
@@ -57,5 +60,6 @@ for i in differ:
     print("transcripts differ:", i)
 n = len(seq)
 print(f"sequential {60 * n / seq_s:.2f} ep/min ({seq_s:.0f} s), {args.num_envs} envs {60 * n / par_s:.2f} ep/min ({par_s:.0f} s): "
-      f"{seq_s / par_s:.2f}x; {n} episodes of {args.env} {args.split} mode {args.mode}, {len(differ)} transcripts differ")
+      f"{seq_s / par_s:.2f}x; {n} episodes of {args.env} {args.split} mode {args.mode}"
+      f"{' (no log-both)' if args.no_log_both else ' (with log-both)'}, {len(differ)} transcripts differ")
 sys.exit(1 if differ or set(seq) != set(par) else 0)
