@@ -34,11 +34,11 @@ $PY make_conflicts.py --data "$DATA/*_id_test.jsonl" "$DATA/*_ood_test.jsonl" --
   --max-per-split 2 --seed "$SEED" --out "$OUT/conflicts.jsonl"
 
 stage "4/6 probe: prompt action vs CoT action at every checkpoint (base = step 0)"
-$PY probe.py --data "$DATA/*_id_test.jsonl" "$DATA/*_ood_test.jsonl" --max-records 2 --attribution-samples 2 \
-  --max-thought-tokens 96 --seed "$SEED" --threads "$THREADS" --out "$OUT/probe/base"
+$PY probe.py --data "$DATA/*_id_test.jsonl" "$DATA/*_ood_test.jsonl" --max-records 1 --attribution-samples 1 \
+  --max-thought-tokens 64 --seed "$SEED" --threads "$THREADS" --out "$OUT/probe/base"
 for K in 0.0 0.3; do
   $PY probe.py --no-base --checkpoints "$OUT/runs/k${K}_seed$SEED" --data "$DATA/*_id_test.jsonl" "$DATA/*_ood_test.jsonl" \
-    --max-records 2 --attribution-samples 2 --max-thought-tokens 96 --seed "$SEED" --threads "$THREADS" \
+    --max-records 1 --attribution-samples 1 --max-thought-tokens 64 --seed "$SEED" --threads "$THREADS" \
     --out "$OUT/probe/k${K}_seed$SEED"
 done
 
@@ -52,7 +52,7 @@ done
 stage "6/6 rollouts: prompt mode and CoT mode, in-domain and out-of-domain, 8 environments in lockstep"
 for K in 0.0 0.3; do
   $PY evaluate.py --adapter "$OUT/runs/k${K}_seed$SEED" --data "$DATA" --env all --mode both --max-episodes 1 \
-    --max-steps 8 --max-thought-tokens 96 --num-envs 8 --seed "$SEED" --threads "$THREADS" --out "$OUT/eval/k${K}_seed$SEED"
+    --max-steps 6 --max-thought-tokens 64 --num-envs 8 --seed "$SEED" --threads "$THREADS" --out "$OUT/eval/k${K}_seed$SEED"
 done
 
 stage "report: tables and figures"

@@ -297,9 +297,14 @@ def run_branches(model, tok, state, branches, max_rows=16):
     greedy branches return {"ids": generated ids (without the end of turn), "text": decoded text,
     "ended": whether the model ended its turn}. Up to max_rows branches run as one batch.
     """
-    out = []
-    for i in range(0, len(branches), max_rows):
-        out += _run_chunk(model, tok, state, branches[i:i + max_rows])
+    # Scoring branches are one forward pass each; greedy ones share a decode loop. Grouping each kind
+    # (greedy ones longest prefix first) keeps decode batches full instead of one small loop per chunk.
+    order = sorted(range(len(branches)), key=lambda i: ("target" not in branches[i], -len(branches[i]["prefix"])))
+    out = [None] * len(branches)
+    for i in range(0, len(order), max_rows):
+        idx = order[i:i + max_rows]
+        for j, res in zip(idx, _run_chunk(model, tok, state, [branches[j] for j in idx])):
+            out[j] = res
     return out
 
 

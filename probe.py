@@ -166,37 +166,51 @@ def probe_batch(model, tok, recs):
     prompts = [steps.render_prompt(tok, r["messages"]) for r in recs]
     enc = [lm.encode_parts(tok, [p, action_tag]) for p in prompts]
     state = lm.encode_prompts(model, [e[0] for e in enc], tok.pad_token_id)
-    branches, plan = [], []
+    # Everything asked after the reference thought (its log-likelihood, every candidate, the greedy
+    # action) branches from a second state: prompt + thought, computed once from the prompt's cache.
+    ref_prefix = [lm.encode_parts(tok, [p, thought_prefix(r["thought"])])[1] for p, r in zip(prompts, recs)]
+    state_t = lm.encode_prompts(model, [e[0] + t[:-1] for e, t in zip(enc, ref_prefix)], tok.pad_token_id,
+                                reuse=[lm.prompt_cache(state, i) for i in range(len(recs))])
+    branches = {"prompt": [], "thought": []}
+    plan = {"prompt": [], "thought": []}
 
-    def add(rec_i, key, prefix_text, target=None, max_new=None, stop=None):
+    def add(rec_i, key, prefix_text, target=None, max_new=None, stop=None, ctx="prompt"):
         head, prefix, tgt = lm.encode_parts(tok, [prompts[rec_i], prefix_text, "" if target is None else " " + target])
         if head != enc[rec_i][0]:
             raise ValueError(f"{recs[rec_i]['id']}: the tokenizer merges the prompt's last token with the response")
+        if ctx == "thought":
+            if prefix != ref_prefix[rec_i]:
+                raise ValueError(f"{recs[rec_i]['id']}: the tokenizer merges the action tag with the action")
+            prefix = prefix[-1:]  # the rest of the thought prefix is in state_t
         b = {"row": rec_i, "prefix": prefix}
         if target is None:
             b.update(max_new=max_new, stop=stop)
         else:
             b["target"] = tgt
-        branches.append(b)
-        plan.append((rec_i, key))
+        branches[ctx].append(b)
+        plan[ctx].append((rec_i, key))
 
     for i, rec in enumerate(recs):
+        ref_thought = thought_prefix(rec["thought"])
         add(i, "prompt_gen", action_tag, max_new=args.max_action_tokens, stop="line")
         add(i, "cot_gen", thought_tag, max_new=args.max_thought_tokens, stop="action")
         add(i, "ll_prompt", action_tag, rec["action"])
-        add(i, "ll_thought", thought_prefix(rec["thought"]), rec["action"])
+        add(i, "ll_thought", ref_thought, rec["action"], ctx="thought")
         for f in fracs:
+            ctx = "thought" if f >= 1 else "prompt"
             if f < 1:  # f = 1 is the full reference thought, scored above
                 add(i, ("trunc_ll", f), thought_prefix(truncate_words(rec["thought"], f)), rec["action"])
-            add(i, ("trunc_gen", f), thought_prefix(truncate_words(rec["thought"], f)), max_new=args.max_action_tokens, stop="line")
+            add(i, ("trunc_gen", f), thought_prefix(truncate_words(rec["thought"], f)), max_new=args.max_action_tokens,
+                stop="line", ctx=ctx)
         cands = [c for c in (rec.get("candidates") or []) if c != rec["action"]]
         if not args.no_candidates and cands:
             for c in cands:
                 add(i, ("cand_prompt", c), action_tag, c)
-                add(i, ("cand_thought", c), thought_prefix(rec["thought"]), c)
+                add(i, ("cand_thought", c), ref_thought, c, ctx="thought")
     got = {}
-    for (i, key), res in zip(plan, lm.run_branches(model, tok, state, branches, args.max_rows)):
-        got[i, key] = res
+    for ctx, st in (("prompt", state), ("thought", state_t)):
+        for (i, key), res in zip(plan[ctx], lm.run_branches(model, tok, st, branches[ctx], args.max_rows)):
+            got[i, key] = res
     # (c) needs the model's own reasoning, so it is a second round of branches from the same prompt state.
     own = []
     for i, rec in enumerate(recs):

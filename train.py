@@ -46,7 +46,8 @@ parser.add_argument("--target-modules", default="q_proj,k_proj,v_proj,o_proj,gat
 parser.add_argument("--epochs", type=float, default=1.0, help="passes over the data (ignored if --max-steps > 0)")
 parser.add_argument("--max-steps", type=int, default=0, help="optimizer steps (0 = from --epochs)")
 parser.add_argument("--batch-size", type=int, default=8, help="examples per optimizer step")
-parser.add_argument("--micro-batch-tokens", type=int, default=4096, help="padded tokens per forward pass (gradient accumulation splits a batch)")
+parser.add_argument("--micro-batch-tokens", type=int, default=2048,
+                    help="padded tokens per forward pass; gradient accumulation splits a batch (bounds activation memory)")
 parser.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (LoRA); use ~1e-5 for --full-finetune")
 parser.add_argument("--warmup-frac", type=float, default=0.05, help="linear warmup as a fraction of all steps, then cosine to 0")
 parser.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
@@ -226,6 +227,8 @@ if not args.full_finetune:
                         target_modules=args.target_modules.split(","), task_type="CAUSAL_LM")
     model = get_peft_model(model, config)
 params = [p for p in model.parameters() if p.requires_grad]
+core = model.get_base_model() if hasattr(model, "get_base_model") else model  # LoRA layers live inside it
+decoder, head = core.get_decoder(), core.get_output_embeddings()
 optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
 
 batches_per_epoch = math.ceil(len(examples) / args.batch_size)
@@ -281,22 +284,22 @@ while step < total_steps:
     shard = batch[rank::world]
     for ids, labels, kinds, attn in (micro_batches(examples, shard) if shard else []):
         ids, labels, kinds, attn = ids.to(device), labels.to(device), kinds.to(device), attn.to(device)
-        # Logits only from the earliest response start on: prompts are long and carry no loss, and
-        # the vocabulary projection of every prompt position would cost time and (B, T, V) memory.
-        start = int((kinds != lm.PROMPT).float().argmax(1).min()) - 1
-        logits = model(input_ids=ids, attention_mask=attn, logits_to_keep=ids.shape[1] - start).logits[:, :-1].float()
-        target, kind = labels[:, start + 1:], kinds[:, start + 1:]
-        # Per-token loss of every response token, supervised or not (for the per-part logs).
-        tok_loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, start + 1:], reduction="none")
+        # The vocabulary projection only where a response token is predicted: prompts are long and
+        # carry no loss, and (B, T, V) logits over them would dominate time and memory. (Models whose
+        # forward post-processes logits, e.g. Gemma-2 soft-capping, would need it here too.)
+        hidden = decoder(input_ids=ids, attention_mask=attn).last_hidden_state         # (B, T, H)
+        pred = (kinds[:, 1:] != lm.PROMPT) & attn[:, 1:].bool()                         # (B, T-1): predicts a response token
+        logits = head(hidden[:, :-1][pred]).float()                                     # (N, V)
+        tok_loss = torch.nn.functional.cross_entropy(logits, ids[:, 1:][pred], reduction="none")  # (N,), every response token
+        target, kind = labels[:, 1:][pred], kinds[:, 1:][pred]
         sup = target != -100
         loss = (tok_loss * sup).sum() / max(1, n_sup)
         loss.backward()
         with torch.no_grad():
             acc["loss"] += (tok_loss * sup).sum().item()
             acc["n"] += sup.sum().item()
-            real = attn[:, start + 1:].bool()
             for name, k in (("action", lm.ACTION), ("thought", lm.THOUGHT)):
-                m = (kind == k) & real
+                m = kind == k
                 acc[name] += (tok_loss * m).sum().item()
                 acc[f"n_{name}"] += m.sum().item()
             acc["tokens"] += attn.sum().item()
