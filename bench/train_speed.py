@@ -62,7 +62,7 @@ def trl_worker():
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     config = SFTConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.batch_size,
                        max_steps=args.examples // args.batch_size, learning_rate=2e-4, lr_scheduler_type="cosine",
-                       warmup_ratio=0.05, logging_steps=10 ** 6, save_strategy="no", report_to=[], use_cpu=True,
+                       warmup_steps=max(1, round(0.05 * args.examples / args.batch_size)), logging_steps=10 ** 6, save_strategy="no", report_to=[], use_cpu=True,
                        bf16=False, fp16=False, dataloader_num_workers=0, max_length=1024, seed=0,
                        completion_only_loss=True, disable_tqdm=True)
     peft = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.05, target_modules=TARGETS, task_type="CAUSAL_LM")
