@@ -52,7 +52,9 @@ parser.add_argument("--max-episodes", type=int, default=0, help="per env x split
 parser.add_argument("--max-steps", type=int, default=0, help="cap on steps per episode (0 = the env's own: ALFWorld 50, ScienceWorld per task, BFCL 1)")
 parser.add_argument("--history", type=int, default=4, help="past exchanges kept in the prompt (as in make_data.py)")
 # generation
-parser.add_argument("--backend", default="hf", choices=["hf", "vllm"], help="hf (batched branches, CPU or GPU) or vllm (GPU, LoRA)")
+parser.add_argument("--backend", default="hf", choices=["hf", "vllm", "generate"],
+                    help="hf (batched branches, CPU or GPU), vllm (GPU, LoRA), or generate (reference: one HF generate "
+                         "call per state and mode on the full prompt, as ReAct/ETO loops do; for checks and benchmarks)")
 parser.add_argument("--max-action-tokens", type=int, default=96, help="greedy tokens for an action line")
 parser.add_argument("--max-thought-tokens", type=int, default=192, help="greedy tokens for reasoning + action in cot mode")
 parser.add_argument("--max-rows", type=int, default=16, help="generation rows per forward pass (hf backend)")
@@ -231,6 +233,57 @@ class HFPolicy:
         out = [{} for _ in wants]
         for (i, mode), res in zip(keys, lm.run_branches(self.model, self.tok, state, branches, args.max_rows)):
             out[i][mode] = res["text"]
+        return out
+
+
+class GeneratePolicy:
+    """The reference loop: one HF generate call per state and mode on the whole prompt, no cache kept
+    between steps, no batching across states (what ReAct/ETO loops do). Same stops as the hf backend,
+    so the two give the same greedy text; bench/eval_speed.py times one against the other."""
+
+    def __init__(self, model, tok):
+        import lm
+        self.model, self.tok = model, tok
+        self.stops = sorted(lm.stop_ids(tok, model))
+
+    def forget(self, key):
+        pass
+
+    def _generate(self, ids, max_new, stop):
+        import torch
+        from transformers import StoppingCriteria
+
+        import lm
+        tok, n = self.tok, len(ids)
+
+        class Done(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                new = input_ids[0, n:].tolist()
+                return torch.tensor([bool(new) and lm._finished(tok.decode(new), stop)], device=input_ids.device)
+
+        x = torch.tensor([ids], device=self.model.device)
+        with torch.no_grad():
+            out = self.model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new, do_sample=False,
+                                      eos_token_id=self.stops, pad_token_id=tok.pad_token_id, stopping_criteria=[Done()])
+        new = [t for t in out[0, n:].tolist()]
+        if new and new[-1] in self.stops:
+            new = new[:-1]
+        return tok.decode(new, skip_special_tokens=True)
+
+    def act(self, keys_list, messages_list, wants):
+        import lm
+        thought_tag, action_tag = steps.tags()
+        out = []
+        for messages, want in zip(messages_list, wants):
+            prompt = steps.render_prompt(self.tok, messages)
+            res = {}
+            if "prompt" in want:
+                res["prompt"] = self._generate(sum(lm.encode_parts(self.tok, [prompt, action_tag]), []),
+                                               args.max_action_tokens, "line")
+            if "cot" in want:
+                res["cot"] = self._generate(sum(lm.encode_parts(self.tok, [prompt, thought_tag]), []),
+                                            args.max_thought_tokens, "action")
+            out.append(res)
         return out
 
 
@@ -466,7 +519,8 @@ try:
                 if args.backend == "vllm":
                     policy = VllmPolicy(model_path, ckpt[2])
                 else:
-                    policy = HFPolicy(lm.load_model(model_path, ckpt[2], device, dtype), tok)
+                    cls = GeneratePolicy if args.backend == "generate" else HFPolicy
+                    policy = cls(lm.load_model(model_path, ckpt[2], device, dtype), tok)
             while len(workers) < min(args.num_envs, len(todo)):
                 workers.append(Worker())
             run_checkpoint(ckpt, todo, policy, workers, fout)

@@ -1,10 +1,15 @@
-"""bench/eval_speed.py: evaluate.py with one environment at a time (the ReAct/ETO loop: one episode, one
-generation per step) against --num-envs N lockstep environments, on the same episodes, greedy.
+"""bench/eval_speed.py: the ReAct/ETO loop (one environment, one HF generate call per step and mode on
+the whole prompt) against evaluate.py with --num-envs N lockstep environments, on the same episodes, greedy.
 
-Runs evaluate.py twice as subprocesses, checks that every episode's transcript (actions and model
-outputs) is the same both ways, and prints episodes per minute and the ratio:
+Runs evaluate.py three times as subprocesses on the same episodes:
+  reference   --backend generate --num-envs 1   one generate call per state and mode, nothing kept
+  sequential  --backend hf --num-envs 1         the project's branches and per-episode KV cache, one env
+  batched     --backend hf --num-envs N         the same, N environments in lockstep, one batch per step
+checks that every episode's transcript (model outputs and actions) is the same in all three, and prints
+episodes per minute and the ratios (batched vs reference is the headline; batched vs sequential is
+what lockstep batching alone buys):
 
-    sequential 1.9 ep/min, 8 envs 6.1 ep/min: 3.21x; 16 episodes, 0 transcripts differ
+    reference 2.1 ep/min (229 s), sequential 4.3 ep/min (112 s), batched 8 envs 9.1 ep/min (53 s): ...
 
     python bench/eval_speed.py --env alfworld --split id_test --max-episodes 8 --mode cot --max-steps 8
 """
@@ -34,8 +39,8 @@ parser.add_argument("--device", default="cpu", help="as in evaluate.py")
 args = parser.parse_args()
 
 
-def evaluate(num_envs, out):
-    cmd = [sys.executable, "evaluate.py", "--model", args.model, "--env", args.env, "--split", args.split, "--mode", args.mode,
+def evaluate(backend, num_envs, out):
+    cmd = [sys.executable, "evaluate.py", "--backend", backend, "--model", args.model, "--env", args.env, "--split", args.split, "--mode", args.mode,
            "--max-episodes", str(args.max_episodes), "--max-steps", str(args.max_steps), "--num-envs", str(num_envs),
            "--max-thought-tokens", str(args.max_thought_tokens), "--threads", str(args.threads), "--device", args.device,
            "--out", out]
@@ -52,14 +57,26 @@ def evaluate(num_envs, out):
 
 
 tmp = tempfile.mkdtemp(prefix="eval_speed_")
-seq_s, seq = evaluate(1, os.path.join(tmp, "seq"))
-par_s, par = evaluate(args.num_envs, os.path.join(tmp, "par"))
-differ = [i for i in seq if [(s["action"], s.get("output")) for s in seq[i]["transcript"]]
-          != [(s["action"], s.get("output")) for s in par[i]["transcript"]]]
+runs = {}
+for name, backend, n_envs in [("reference", "generate", 1), ("sequential", "hf", 1), ("batched", "hf", args.num_envs)]:
+    runs[name] = evaluate(backend, n_envs, os.path.join(tmp, name))
+    print(f"{name}: {runs[name][0]:.1f} s", flush=True)
+
+
+def steps_of(rec):
+    return [(s["action"], s.get("output"), s.get("other_action")) for s in rec["transcript"]]
+
+
+ref = runs["reference"][1]
+differ = sorted({i for name in ("sequential", "batched") for i in ref
+                 if i not in runs[name][1] or steps_of(ref[i]) != steps_of(runs[name][1][i])})
 for i in differ:
     print("transcripts differ:", i)
-n = len(seq)
-print(f"sequential {60 * n / seq_s:.2f} ep/min ({seq_s:.0f} s), {args.num_envs} envs {60 * n / par_s:.2f} ep/min ({par_s:.0f} s): "
-      f"{seq_s / par_s:.2f}x; {n} episodes of {args.env} {args.split} mode {args.mode}"
+n = len(ref)
+(ref_s, _), (seq_s, _), (bat_s, _) = runs["reference"], runs["sequential"], runs["batched"]
+print(f"reference {60 * n / ref_s:.2f} ep/min ({ref_s:.0f} s), sequential {60 * n / seq_s:.2f} ep/min ({seq_s:.0f} s), "
+      f"batched {args.num_envs} envs {60 * n / bat_s:.2f} ep/min ({bat_s:.0f} s)")
+print(f"batched vs reference {ref_s / bat_s:.2f}x, batched vs sequential {seq_s / bat_s:.2f}x, "
+      f"sequential vs reference {ref_s / seq_s:.2f}x; {n} episodes of {args.env} {args.split} mode {args.mode}"
       f"{' (no log-both)' if args.no_log_both else ' (with log-both)'}, {len(differ)} transcripts differ")
-sys.exit(1 if differ or set(seq) != set(par) else 0)
+sys.exit(1 if differ or any(set(r[1]) != set(ref) for r in runs.values()) else 0)
