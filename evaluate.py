@@ -191,7 +191,7 @@ def begin(ep):
 
 def finish(ep, error=None):
     n = len(ep["actions"])
-    agree = [steps.normalize_action(s["action"]) == steps.normalize_action(s["other_action"])
+    agree = [steps.same_action(s["action"], s["other_action"])
              for s in ep["transcript"] if s.get("other_action") is not None]
     return {k: ep[k] for k in ("id", "checkpoint", "step", "env", "task_type", "split", "task_id", "mode")} | {
         "won": bool(ep["won"]) if error is None else False, "score": ep["score"] if error is None else 0.0,

@@ -143,7 +143,7 @@ def ll(logprobs):
 
 
 def same(a, b):
-    return a is not None and b is not None and steps.normalize_action(a) == steps.normalize_action(b)
+    return steps.same_action(a, b)
 
 
 def truncate_words(text, frac):

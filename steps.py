@@ -98,6 +98,13 @@ def normalize_action(action):
     return re.sub(r"\s+", " ", action.strip().lower()).rstrip(".").strip()
 
 
+def same_action(a, b):
+    """Do two actions agree? Equal exact-match keys, and an action at all: two empty or missing
+    actions (no tag, nothing after it) are two failures to act, not an agreement."""
+    a, b = normalize_action(a), normalize_action(b)
+    return bool(a) and a == b
+
+
 def build_messages(env, task, observations, actions, window, functions=None):
     """Chat messages of the prompt at step t = len(actions).
 

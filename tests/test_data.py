@@ -29,6 +29,9 @@ def test_response_roundtrip_and_spans():
     assert text[slice(*spans["action"])] == action
     assert steps.parse_response("I ramble without a tag") == ("I ramble without a tag", None)
     assert steps.normalize_action("  Take  Mug 1 from Cabinet 2. ") == "take mug 1 from cabinet 2"
+    assert steps.same_action("Take mug 1 from cabinet 2.", "take  mug 1 from cabinet 2")
+    # two failures to act (no tag, or nothing after it) are not an agreement
+    assert not steps.same_action("", " ") and not steps.same_action(None, None) and not steps.same_action("", None)
 
 
 def test_build_messages_window():
