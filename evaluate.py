@@ -265,7 +265,7 @@ class GeneratePolicy:
         with torch.no_grad():
             out = self.model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new, do_sample=False,
                                       eos_token_id=self.stops, pad_token_id=tok.pad_token_id, stopping_criteria=[Done()])
-        new = [t for t in out[0, n:].tolist()]
+        new = out[0, n:].tolist()
         if new and new[-1] in self.stops:
             new = new[:-1]
         return tok.decode(new, skip_special_tokens=True)

@@ -142,10 +142,6 @@ def ll(logprobs):
     return round(sum(logprobs), 4), round(sum(logprobs) / max(1, len(logprobs)), 4)
 
 
-def same(a, b):
-    return steps.same_action(a, b)
-
-
 def truncate_words(text, frac):
     words = text.split()
     return " ".join(words[:round(frac * len(words))])
@@ -225,8 +221,8 @@ def probe_batch(model, tok, recs):
         ref = rec["action"]
         prompt_action = steps.first_line(got[i, "prompt_gen"]["text"])
         cot_thought, cot_action = own[i]
-        pc, cc = same(prompt_action, ref), same(cot_action, ref)
-        consistent = same(prompt_action, cot_action)
+        pc, cc = steps.same_action(prompt_action, ref), steps.same_action(cot_action, ref)
+        consistent = steps.same_action(prompt_action, cot_action)
         revision = "none" if consistent else "helpful" if cc and not pc else "harmful" if pc and not cc else "neutral"
         row = {"record_id": rec["id"], "env": rec["env"], "task_type": rec["task_type"], "split": rec["split"],
                "reference": ref, "prompt_action": prompt_action, "cot_action": cot_action,
@@ -249,7 +245,7 @@ def probe_batch(model, tok, recs):
             pct = int(round(100 * f))
             lp = got[i, "ll_thought"]["logprobs"] if f >= 1 else got[i, ("trunc_ll", f)]["logprobs"]
             row[f"trunc_ll_{pct}"] = ll(lp)[0]
-            row[f"trunc_correct_{pct}"] = same(steps.first_line(got[i, ("trunc_gen", f)]["text"]), ref)
+            row[f"trunc_correct_{pct}"] = steps.same_action(steps.first_line(got[i, ("trunc_gen", f)]["text"]), ref)
         out.append(row)
     return out
 
@@ -271,7 +267,7 @@ def conflict_batch(model, tok, recs):
     for i, rec in enumerate(recs):
         gen, l1, l2 = res[3 * i:3 * i + 3]
         action = steps.first_line(gen["text"])
-        follows, anchors = same(action, rec["a2"]), same(action, rec["a1"])
+        follows, anchors = steps.same_action(action, rec["a2"]), steps.same_action(action, rec["a1"])
         m1, m2 = ll(l1["logprobs"])[1], ll(l2["logprobs"])[1]
         out.append({"record_id": rec["id"], "step_id": rec["step_id"], "env": rec["env"], "task_type": rec.get("task_type"),
                     "split": rec["split"], "method": rec["method"], "a1": rec["a1"], "a2": rec["a2"], "action": action,
