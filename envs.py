@@ -368,8 +368,8 @@ def make_env(name):
 INVALID_FEEDBACK = {"alfworld": ("Nothing happens.",), "scienceworld": ("No known action matches that input.",)}
 
 
-def serve():
-    """`python envs.py --serve`: one environment in its own process, driven by JSON lines.
+def serve(preload=()):
+    """`python envs.py --serve [--preload alfworld,...]`: one environment in its own process, driven by JSON lines.
 
     evaluate.py runs one per parallel slot, so a crash or hang kills only this process (it is
     restarted), and the JVM of ScienceWorld dies with it. Requests and replies, one line each:
@@ -378,10 +378,17 @@ def serve():
         {"cmd": "close"}                                -> exits
     An exception becomes {"ok": false, "error": "..."}. ScienceWorld gets a fresh JVM per episode:
     its worlds depend on the JVM's history of loads, and evaluation must not depend on scheduling.
+    --preload builds those environments (imports, a JVM) before the first request, so a driver that
+    starts its workers first has them ready while it loads its model.
     """
     proto = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)  # library prints go to stderr, never into the protocol
-    envs, current = {}, None
+    envs, used, current = {}, set(), None
+    for name in preload:
+        try:
+            envs[name] = make_env(name)
+        except Exception:  # noqa: BLE001  (the first reset of this env tries again and reports the error)
+            pass
     for line in sys.stdin:
         msg = json.loads(line)
         try:
@@ -389,11 +396,13 @@ def serve():
                 break
             if msg["cmd"] == "reset":
                 name = msg["task"]["env"]
-                if name == "scienceworld" and name in envs:
+                if name == "scienceworld" and name in used:
                     envs.pop(name).close()
+                    used.discard(name)
                 if name not in envs:
                     envs[name] = make_env(name)
                 current = envs[name]
+                used.add(name)
                 obs, info = current.reset(msg["task"])
                 reply = {"obs": obs, "info": info, "plan": current.expert_plan(),
                          "valid": current.valid_actions() if msg.get("valid") else None}
@@ -428,7 +437,7 @@ def _parses(action):
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] == ["--serve"]:
-        serve()
+    if sys.argv[1:2] == ["--serve"] and (len(sys.argv) == 2 or len(sys.argv) == 4 and sys.argv[2] == "--preload"):
+        serve(sys.argv[3].split(",") if len(sys.argv) == 4 else ())
     else:
-        sys.exit("usage: python envs.py --serve  (an environment worker for evaluate.py)")
+        sys.exit("usage: python envs.py --serve [--preload alfworld,scienceworld,bfcl]  (an environment worker for evaluate.py)")

@@ -67,6 +67,7 @@ parser.add_argument("--out", default="results/eval", help="output folder")
 parser.add_argument("--device", default="auto", help="auto (cuda+bf16 if present, else cpu+fp32), cpu, cuda, cuda:1")
 parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
 args = parser.parse_args()
+t0 = time.time()  # "evaluate done: ... s" is the whole run after argument parsing: workers, model load, episodes
 
 from tqdm import tqdm  # noqa: E402
 
@@ -138,7 +139,8 @@ class Worker:
         self.start()
 
     def start(self):
-        cmd = args.worker_cmd.split() if args.worker_cmd else [sys.executable, os.path.join(HERE, "envs.py"), "--serve"]
+        cmd = args.worker_cmd.split() if args.worker_cmd else [sys.executable, os.path.join(HERE, "envs.py"), "--serve",
+                                                               "--preload", ",".join(sorted(PRELOAD))]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                      text=True, cwd=HERE)
 
@@ -488,30 +490,32 @@ if args.policy != "model":
 os.makedirs(args.out, exist_ok=True)
 out_path = os.path.join(args.out, "episodes.jsonl")
 done = {r["id"] for r in steps.read_done(out_path)}
-model_path = None
-if args.policy == "model":
-    import torch
-
-    import lm
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device, dtype = lm.pick_device(args.device)
-    try:
-        model_path = lm.resolve_model(args.model)
-        tok = lm.load_tokenizer(model_path)
-    except (OSError, ValueError) as e:
-        fail(f"cannot load model {args.model!r}: {e}")
-    print(f"evaluate: policy model, backend {args.backend}, device {device} ({dtype}), model {model_path}")
-print(f"evaluate: {len(ckpts)} checkpoint(s) x {len(tasks)} episodes x modes {','.join(modes)}, "
-      f"{args.num_envs} envs, {len(done)} episodes already in {out_path}")
-steps.write_json_atomic(os.path.join(args.out, "meta.json"), {"args": vars(args), "model_path": model_path,
-                                                              "checkpoints": ckpts, "episodes": len(tasks)})
-t0 = time.time()
-workers = []
+todos = [[ep for mode in modes for t in tasks for ep in [new_episode(t, mode, ckpt)] if ep["id"] not in done]
+         for ckpt in ckpts]
+# The workers start first: they import and build their environments while this process loads torch and the model.
+PRELOAD = {t["env"] for t in tasks}
+workers = [Worker() for _ in range(min(args.num_envs, max(map(len, todos), default=0)))]
 try:
+    model_path = None
+    if args.policy == "model":
+        import torch
+
+        import lm
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        device, dtype = lm.pick_device(args.device)
+        try:
+            model_path = lm.resolve_model(args.model)
+            tok = lm.load_tokenizer(model_path)
+        except (OSError, ValueError) as e:
+            fail(f"cannot load model {args.model!r}: {e}")
+        print(f"evaluate: policy model, backend {args.backend}, device {device} ({dtype}), model {model_path}")
+    print(f"evaluate: {len(ckpts)} checkpoint(s) x {len(tasks)} episodes x modes {','.join(modes)}, "
+          f"{args.num_envs} envs, {len(done)} episodes already in {out_path}")
+    steps.write_json_atomic(os.path.join(args.out, "meta.json"), {"args": vars(args), "model_path": model_path,
+                                                                  "checkpoints": ckpts, "episodes": len(tasks)})
     with open(out_path, "a") as fout:
-        for ckpt in ckpts:
-            todo = [ep for mode in modes for t in tasks for ep in [new_episode(t, mode, ckpt)] if ep["id"] not in done]
+        for ckpt, todo in zip(ckpts, todos):
             if not todo:
                 continue
             policy = None
@@ -521,9 +525,7 @@ try:
                 else:
                     cls = GeneratePolicy if args.backend == "generate" else HFPolicy
                     policy = cls(lm.load_model(model_path, ckpt[2], device, dtype), tok)
-            while len(workers) < min(args.num_envs, len(todo)):
-                workers.append(Worker())
-            run_checkpoint(ckpt, todo, policy, workers, fout)
+            run_checkpoint(ckpt, todo, policy, workers[:len(todo)], fout)
             del policy
 finally:
     for w in workers:

@@ -331,7 +331,9 @@ def _run_chunk(model, tok, state, chunk):
             for b, s in zip(chunk, seqs)]
     m = max(len(n) for n in need)
     keep = torch.tensor([n + [n[-1]] * (m - len(n)) for n in need], device=device)
-    cache = _rows(state["layers"], rows)
+    # A chunk of greedy branches gets the room for its decode now, so _greedy keeps this cache (no copy).
+    max_new = 0 if any("target" in b for b in chunk) else max(b["max_new"] for b in chunk) + 1
+    cache = _rows(state["layers"], rows, room=width + max_new)
     with torch.no_grad():
         logp = torch.log_softmax(_last_logits(model, ids.to(device), mask, pos, cache, keep), -1)
     results = [None] * len(chunk)
@@ -344,21 +346,23 @@ def _run_chunk(model, tok, state, chunk):
             gen.append(r)
     if gen:
         first = logp[gen, 0].argmax(-1)
-        gen_results = _greedy(model, tok, _layers(cache), mask[gen], pos[gen, 0] + cmask[gen].sum(1).to(device),
+        gen_results = _greedy(model, tok, cache, mask[gen], pos[gen, 0] + cmask[gen].sum(1).to(device),
                               first, [chunk[r] for r in gen], gen_rows=gen)
         for r, res in zip(gen, gen_results):
             results[r] = res
     return results
 
 
-def _greedy(model, tok, layers, mask, next_pos, first, branches, gen_rows):
+def _greedy(model, tok, cache, mask, next_pos, first, branches, gen_rows):
     """Greedy decoding of rows gen_rows of the branch cache, one token per step, all rows batched.
     Finished rows ride along (their tokens ignored) until half the batch is done, then the cache is
     compacted to the live rows: a copy per finished row would cost more than the wasted rows."""
     import torch
     stops = stop_ids(tok, model)
     max_new = max(b["max_new"] for b in branches)
-    cache = _rows(layers, gen_rows, room=max_new + 1)
+    layer = cache.layers[0]
+    if len(gen_rows) < layer.keys.shape[0] or layer._k.shape[2] < layer.n + max_new + 1:
+        cache = _rows(_layers(cache), gen_rows, room=max_new + 1)
     rows = list(range(len(branches)))        # branch index of each cache row
     active = [True] * len(rows)
     tokens = [[] for _ in branches]
