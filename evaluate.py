@@ -57,10 +57,7 @@ parser.add_argument("--backend", default="hf", choices=["hf", "vllm", "generate"
                          "call per state and mode on the full prompt, as ReAct/ETO loops do; for checks and benchmarks)")
 parser.add_argument("--max-action-tokens", type=int, default=96, help="greedy tokens for an action line")
 parser.add_argument("--max-thought-tokens", type=int, default=192, help="greedy tokens for reasoning + action in cot mode")
-parser.add_argument("--max-rows", type=int, default=16, help="branches per prompt pass (hf backend); the decode batch holds every branch in flight")
-parser.add_argument("--schedule", default="continuous", choices=["continuous", "lockstep"],
-                    help="hf backend: lockstep waits for every env's action before stepping any; continuous steps envs as "
-                         "their actions finish and lets their next states join the decode batch (same transcripts)")
+parser.add_argument("--max-rows", type=int, default=16, help="generation rows per forward pass (hf backend)")
 # run
 parser.add_argument("--num-envs", type=int, default=8, help="environments stepping in lockstep (worker processes)")
 parser.add_argument("--step-timeout", type=float, default=120.0, help="seconds an env reset/step may take before its worker is restarted")
@@ -191,7 +188,7 @@ def new_episode(task, mode, ckpt):
 def begin(ep):
     """Reset state of an (re)started episode."""
     ep.update(observations=[], actions=[], transcript=[], won=False, score=0.0, invalid=0, goal=None, functions=None,
-              max_steps=None, plan=None, valid=None, asked=False, t_start=time.time())
+              max_steps=None, plan=None, valid=None, t_start=time.time())
 
 
 def finish(ep, error=None):
@@ -208,64 +205,37 @@ def finish(ep, error=None):
 # ----------------------------------------------------------------------------- policies
 
 class HFPolicy:
-    """Prompt-mode and CoT-mode actions through the project's KV-cache branches (lm.py).
+    """Prompt-mode and CoT-mode actions of a batch of states: one prompt pass, then branches."""
 
-    New states' prompts run in one batched pass (each reusing its episode's previous prompt cache);
-    their branches join one lm.GreedyBatch. With --schedule continuous, act() returns as soon as half
-    the states in flight are answered: those episodes step their environments while the rest keep
-    decoding, and their next prompts join them, so no row waits for the longest one. lockstep: every
-    state asked is answered before act() returns. Greedy text is the same either way.
-    """
-
-    def __init__(self, model, tok, lockstep):
-        import lm
-        self.model, self.tok, self.lockstep = model, tok, lockstep
+    def __init__(self, model, tok):
+        self.model, self.tok = model, tok
         self.cache = {}  # episode id -> its last prompt's KV cache (lm.prompt_cache)
-        self.batch = lm.GreedyBatch(model, tok)
-        self.waiting = {}  # episode id -> modes still decoding
-        self.answers = {}  # episode id -> {mode: text}
 
     def forget(self, key):
         self.cache.pop(key, None)
-        self.batch.drop({(key, "prompt"), (key, "cot")})
-        self.waiting.pop(key, None)
-        self.answers.pop(key, None)
 
     def act(self, keys_list, messages_list, wants):
         import lm
         thought_tag, action_tag = steps.tags()
-        if keys_list:
-            prompts = [steps.render_prompt(self.tok, m) for m in messages_list]
-            enc = [lm.encode_parts(self.tok, [p, action_tag, thought_tag]) for p in prompts]
-            branches, handles = [], []
-            for i, (key, want) in enumerate(zip(keys_list, wants)):
-                if "prompt" in want:
-                    branches.append({"row": i, "prefix": enc[i][1], "max_new": args.max_action_tokens, "stop": "line"})
-                    handles.append((key, "prompt"))
-                if "cot" in want:
-                    branches.append({"row": i, "prefix": lm.encode_parts(self.tok, [prompts[i], thought_tag])[1],
-                                     "max_new": args.max_thought_tokens, "stop": "action"})
-                    handles.append((key, "cot"))
-                self.waiting[key], self.answers[key] = set(want), {}
-            state = lm.encode_prompts(self.model, [e[0] for e in enc], self.tok.pad_token_id,
-                                      reuse=[self.cache.get(k) for k in keys_list])
-            for r, k in enumerate(keys_list):
-                self.cache[k] = lm.prompt_cache(state, r)
-            for j in range(0, len(branches), args.max_rows):
-                lm.join_branches(self.batch, state, branches[j:j + args.max_rows], handles[j:j + args.max_rows])
-        while self.waiting:
-            for (key, mode), res in list(self.batch.done.items()):
-                self.answers[key][mode] = res["text"]
-                self.waiting[key].discard(mode)
-                del self.batch.done[(key, mode)]
-            ready = [k for k, w in self.waiting.items() if not w]
-            if len(ready) == len(self.waiting) or ready and not self.lockstep and 2 * len(ready) >= len(self.waiting):
-                break
-            self.batch.step()
-        ready = [k for k, w in self.waiting.items() if not w]
-        for k in ready:
-            del self.waiting[k]
-        return {k: self.answers.pop(k) for k in ready}
+        prompts = [steps.render_prompt(self.tok, m) for m in messages_list]
+        enc = [lm.encode_parts(self.tok, [p, action_tag, thought_tag]) for p in prompts]
+        branches, keys = [], []
+        for i, want in enumerate(wants):
+            if "prompt" in want:
+                branches.append({"row": i, "prefix": enc[i][1], "max_new": args.max_action_tokens, "stop": "line"})
+                keys.append((i, "prompt"))
+            if "cot" in want:
+                branches.append({"row": i, "prefix": lm.encode_parts(self.tok, [prompts[i], thought_tag])[1],
+                                 "max_new": args.max_thought_tokens, "stop": "action"})
+                keys.append((i, "cot"))
+        state = lm.encode_prompts(self.model, [e[0] for e in enc], self.tok.pad_token_id,
+                                  reuse=[self.cache.get(k) for k in keys_list])
+        for r, k in enumerate(keys_list):
+            self.cache[k] = lm.prompt_cache(state, r)
+        out = [{} for _ in wants]
+        for (i, mode), res in zip(keys, lm.run_branches(self.model, self.tok, state, branches, args.max_rows)):
+            out[i][mode] = res["text"]
+        return out
 
 
 class GeneratePolicy:
@@ -305,16 +275,17 @@ class GeneratePolicy:
     def act(self, keys_list, messages_list, wants):
         import lm
         thought_tag, action_tag = steps.tags()
-        out = {}
-        for key, messages, want in zip(keys_list, messages_list, wants):
+        out = []
+        for messages, want in zip(messages_list, wants):
             prompt = steps.render_prompt(self.tok, messages)
-            res = out[key] = {}
+            res = {}
             if "prompt" in want:
                 res["prompt"] = self._generate(sum(lm.encode_parts(self.tok, [prompt, action_tag]), []),
                                                args.max_action_tokens, "line")
             if "cot" in want:
                 res["cot"] = self._generate(sum(lm.encode_parts(self.tok, [prompt, thought_tag]), []),
                                             args.max_thought_tokens, "action")
+            out.append(res)
         return out
 
 
@@ -348,7 +319,7 @@ class VllmPolicy:
         tails = self._gen([prompts[i] + thought_tag + h for i, h in zip(idx, heads)], args.max_action_tokens, ["\n"])
         for i, h, t in zip(idx, heads, tails):
             out[i]["cot"] = h + t if h.endswith(action_tag) else h
-        return dict(zip(keys_list, out))
+        return out
 
 
 def parse_mode(mode, text):
@@ -412,21 +383,15 @@ def run_checkpoint(ckpt, episodes, policy, workers, fout):
         live = [s for s in range(len(slots)) if slots[s] is not None and slots[s]["goal"] is not None]
         if not live:
             continue
-        # Ask the policy about every live episode's new state in one batched pass; step those answered
-        # (all of them, except under the continuous schedule, where the rest are still decoding).
-        answers = {slots[s]["id"]: {} for s in live}
+        # Decide every live episode's action in one batched pass.
+        outputs = [{} for _ in live]
         if args.policy == "model":
-            ask = [s for s in live if not slots[s]["asked"]]
             msgs = [steps.build_messages(slots[s]["env"], slots[s]["goal"], slots[s]["observations"], slots[s]["actions"],
-                                         args.history, slots[s]["functions"]) for s in ask]
-            wants = [{"prompt", "cot"} if log_both else {slots[s]["mode"]} for s in ask]
-            for s in ask:
-                slots[s]["asked"] = True
-            answers = policy.act([slots[s]["id"] for s in ask], msgs, wants)
-        ready = [s for s in live if slots[s]["id"] in answers]
-        for s in ready:
-            ep, out = slots[s], answers[slots[s]["id"]]
-            ep["asked"] = False
+                                         args.history, slots[s]["functions"]) for s in live]
+            wants = [{"prompt", "cot"} if log_both else {slots[s]["mode"]} for s in live]
+            outputs = policy.act([slots[s]["id"] for s in live], msgs, wants)
+        for s, out in zip(live, outputs):
+            ep = slots[s]
             t = len(ep["actions"])
             if args.policy == "expert":
                 action, entry = (ep["plan"][t] if t < len(ep["plan"]) else "look"), {}
@@ -442,7 +407,7 @@ def run_checkpoint(ckpt, episodes, policy, workers, fout):
                 workers[s].send({"cmd": "step", "action": action, "valid": args.policy == "random"})
             except WorkerError as e:
                 crashed(s, e)
-        for s in ready:
+        for s in live:
             ep = slots[s]
             if ep is None or "pending" not in ep:
                 continue
@@ -558,10 +523,8 @@ try:
                 if args.backend == "vllm":
                     policy = VllmPolicy(model_path, ckpt[2])
                 else:
-                    model = lm.load_model(model_path, ckpt[2], device, dtype)
-                    policy = (GeneratePolicy(model, tok) if args.backend == "generate"
-                              else HFPolicy(model, tok, lockstep=args.schedule == "lockstep"))
-                    del model
+                    cls = GeneratePolicy if args.backend == "generate" else HFPolicy
+                    policy = cls(lm.load_model(model_path, ckpt[2], device, dtype), tok)
             run_checkpoint(ckpt, todo, policy, workers[:len(todo)], fout)
             del policy
 finally:

@@ -149,34 +149,11 @@ def stop_ids(tok, model):
 def _rows(layers, rows, room=0):
     """A fresh cache holding batch rows `rows` of per-layer (keys, values), with space for `room` more
     tokens per layer; the source is untouched."""
-    return _gather([(layers, rows)], room)
-
-
-def _gather(parts, room=0):
-    """A fresh cache stacking, in order, batch rows `rows` of each part's per-layer (keys, values).
-
-    Parts may differ in length: each part's rows sit at columns [0, its length) and are zero after
-    it, up to the longest part (the caller's attention mask must mark those columns as padding); then
-    `room` free columns for decoding in place. The sources are untouched.
-    """
+    import torch
     from transformers import DynamicCache
-    parts = [(layers, rows) for layers, rows in parts if len(rows)]
-    width = max(layers[0][0].shape[2] for layers, _ in parts)
-    n_rows = sum(len(rows) for _, rows in parts)
+    idx = torch.tensor(rows, device=layers[0][0].device)
     cache = DynamicCache()
-    cache.layers = []
-    for i in range(len(parts[0][0])):
-        k0 = parts[0][0][i][0]
-        buffers = [k0.new_empty((n_rows, k0.shape[1], width + room, k0.shape[3])) for _ in range(2)]
-        at = 0
-        for layers, rows in parts:
-            idx = torch.tensor(rows, device=k0.device)
-            for buf, src in zip(buffers, layers[i]):
-                n = src.shape[2]
-                buf[at:at + len(rows), :, :n] = src.index_select(0, idx)
-                buf[at:at + len(rows), :, n:width] = 0  # pads: masked, but must not be NaN garbage
-            at += len(rows)
-        cache.layers.append(_GrowingLayer(*buffers, width))
+    cache.layers = [_GrowingLayer(k.index_select(0, idx), v.index_select(0, idx), room) for k, v in layers]
     return cache
 
 
@@ -185,14 +162,17 @@ class _GrowingLayer(DynamicLayer):
 
     transformers' DynamicLayer appends with torch.cat, which copies the whole cache at every step
     and every layer (measured: a quarter of a batch-16 decode on CPU). Only the methods the Llama-
-    style models call during a forward pass are needed. Owns buffers (batch, heads, capacity, dim)
-    whose first n columns are filled.
+    style models call during a forward pass are needed.
     """
-    def __init__(self, k_buffer, v_buffer, n):
+    def __init__(self, keys, values, room):
         super().__init__()
-        self._k, self._v, self.n = k_buffer, v_buffer, n
+        b, h, n, d = keys.shape
+        self._k = torch.empty((b, h, n + room, d), dtype=keys.dtype, device=keys.device)
+        self._v = torch.empty((b, h, n + room, d), dtype=values.dtype, device=values.device)
+        self._k[:, :, :n], self._v[:, :, :n] = keys, values
+        self.n = n
         self.keys, self.values = self._k[:, :, :n], self._v[:, :, :n]
-        self.dtype, self.device, self.is_initialized = k_buffer.dtype, k_buffer.device, True
+        self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
 
     def update(self, key_states, value_states, *args, **kwargs):
         m = key_states.shape[2]
@@ -328,9 +308,7 @@ def run_branches(model, tok, state, branches, max_rows=16):
     return out
 
 
-def _prefix_pass(model, tok, state, chunk):
-    """Run each branch's prefix (and target) after its prompt row, in a fresh cache of those rows.
-    Returns (log-probs at the kept positions, the cache, its mask, the positions fed)."""
+def _run_chunk(model, tok, state, chunk):
     import torch
     device = model.device
     for b in chunk:
@@ -353,134 +331,69 @@ def _prefix_pass(model, tok, state, chunk):
             for b, s in zip(chunk, seqs)]
     m = max(len(n) for n in need)
     keep = torch.tensor([n + [n[-1]] * (m - len(n)) for n in need], device=device)
-    # A chunk of greedy branches gets the room for its decode now, so GreedyBatch keeps this cache (no copy).
+    # A chunk of greedy branches gets the room for its decode now, so _greedy keeps this cache (no copy).
     max_new = 0 if any("target" in b for b in chunk) else max(b["max_new"] for b in chunk) + 1
     cache = _rows(state["layers"], rows, room=width + max_new)
     with torch.no_grad():
         logp = torch.log_softmax(_last_logits(model, ids.to(device), mask, pos, cache, keep), -1)
-    return logp, cache, mask, start + cmask.sum(1).to(device)
-
-
-def _run_chunk(model, tok, state, chunk):
-    import torch
-    logp, cache, mask, next_pos = _prefix_pass(model, tok, state, chunk)
     results = [None] * len(chunk)
     gen = []
     for r, b in enumerate(chunk):
         if "target" in b:
-            t = torch.tensor(b["target"], device=logp.device)
+            t = torch.tensor(b["target"], device=device)
             results[r] = {"logprobs": logp[r, :len(t)].gather(1, t[:, None])[:, 0].tolist()}
         else:
             gen.append(r)
     if gen:
-        batch = GreedyBatch(model, tok)
-        batch.join(cache, gen, mask[gen], next_pos[gen], logp[gen, 0].argmax(-1), [chunk[r] for r in gen], gen)
-        while batch.live():
-            batch.step()
-        for r in gen:
-            results[r] = batch.done.pop(r)
+        first = logp[gen, 0].argmax(-1)
+        gen_results = _greedy(model, tok, cache, mask[gen], pos[gen, 0] + cmask[gen].sum(1).to(device),
+                              first, [chunk[r] for r in gen], gen_rows=gen)
+        for r, res in zip(gen, gen_results):
+            results[r] = res
     return results
 
 
-def join_branches(batch, state, branches, handles):
-    """Start greedy branches (no targets) from a prompt state and add them to a GreedyBatch under `handles`."""
-    logp, cache, mask, next_pos = _prefix_pass(batch.model, batch.tok, state, branches)
-    rows = list(range(len(branches)))
-    batch.join(cache, rows, mask, next_pos, logp[:, 0].argmax(-1), branches, handles)
-
-
-class GreedyBatch:
-    """Greedy rows decoding together, one token per row per forward pass; rows may join between steps.
-
-    Rows join as rows of a branch cache after their prefix (see _prefix_pass) with the first token
-    they take, and finish at an end-of-turn token, at their max_new tokens or at their stop (see
-    _finished); results go to `done`: handle -> {"ids": generated ids without the end of turn,
-    "text", "ended": whether the model ended its turn}. Finished rows ride along (their tokens
-    ignored) until half the batch is done, then the cache is compacted to the live rows: a copy per
-    finished row would cost more than the wasted rows. A join compacts in the same copy.
-
-    run_branches decodes each chunk to its end. evaluate.py keeps one batch across environment steps:
-    states whose rows finished step their environments and their next prompts join the rows still
-    decoding (continuous batching), so no row waits for the longest one.
-    """
-
-    def __init__(self, model, tok):
-        self.model, self.tok, self.stops = model, tok, stop_ids(tok, model)
-        self.rows = []  # per cache row: {"handle", "branch", "ids", "live"}
-        self.cache = self.mask = self.next_pos = self.nxt = None
-        self.done = {}
-
-    def live(self):
-        return sum(row["live"] for row in self.rows)
-
-    def drop(self, handles):
-        """Forget rows and results of these handles (an episode that ended or crashed)."""
-        for row in self.rows:
-            if row["handle"] in handles:
-                row["live"] = False
-        for h in handles:
-            self.done.pop(h, None)
-
-    def join(self, cache, cache_rows, mask, next_pos, first, branches, handles):
-        """Add rows cache_rows of `cache`, with their masks (n, width), next positions and first tokens."""
-        new = [{"handle": h, "branch": b, "ids": [], "live": True} for h, b in zip(handles, branches)]
-        self._take(new, first)
-        groups = [(new, cache, list(cache_rows), mask, next_pos, first)]
-        if self.rows:
-            groups.insert(0, (self.rows, self.cache, list(range(len(self.rows))), self.mask, self.next_pos, self.nxt))
-        self._repack(groups)
-
-    def step(self):
-        """One forward pass for the batch; then each live row takes its next token."""
-        import torch
-        if not self.live():
-            return
-        if 2 * (len(self.rows) - self.live()) >= len(self.rows):
-            self._repack([(self.rows, self.cache, list(range(len(self.rows))), self.mask, self.next_pos, self.nxt)])
-        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], 1)
-        keep = torch.zeros((len(self.rows), 1), dtype=torch.long, device=self.mask.device)
-        with torch.no_grad():
-            logits = _last_logits(self.model, self.nxt[:, None], self.mask, self.next_pos[:, None], self.cache, keep)
-        self.nxt = logits[:, 0].argmax(-1)
-        self.next_pos = self.next_pos + 1
-        self._take(self.rows, self.nxt)
-
-    def _take(self, rows, tokens):
-        for row, t in zip(rows, tokens.tolist()):
-            if not row["live"]:
+def _greedy(model, tok, cache, mask, next_pos, first, branches, gen_rows):
+    """Greedy decoding of rows gen_rows of the branch cache, one token per step, all rows batched.
+    Finished rows ride along (their tokens ignored) until half the batch is done, then the cache is
+    compacted to the live rows: a copy per finished row would cost more than the wasted rows."""
+    import torch
+    stops = stop_ids(tok, model)
+    max_new = max(b["max_new"] for b in branches)
+    layer = cache.layers[0]
+    if len(gen_rows) < layer.keys.shape[0] or layer._k.shape[2] < layer.n + max_new + 1:
+        cache = _rows(_layers(cache), gen_rows, room=max_new + 1)
+    rows = list(range(len(branches)))        # branch index of each cache row
+    active = [True] * len(rows)
+    tokens = [[] for _ in branches]
+    ended = [False] * len(branches)
+    nxt = first
+    for step in range(max_new + 1):
+        for r, b in enumerate(rows):
+            if not active[r]:
                 continue
-            b = row["branch"]
-            ended = t in self.stops
-            if not ended:
-                row["ids"].append(t)
-            if ended or len(row["ids"]) >= b["max_new"] or _finished(self.tok.decode(row["ids"]), b["stop"]):
-                row["live"] = False
-                self.done[row["handle"]] = {"ids": row["ids"], "text": self.tok.decode(row["ids"], skip_special_tokens=True),
-                                            "ended": ended}
-
-    def _repack(self, groups):
-        """The batch becomes the live rows of groups [(rows, cache, their cache rows, mask, next_pos, nxt)], in order."""
-        import torch
-        import torch.nn.functional as F
-        live = [(g, [i for i, row in enumerate(g[0]) if row["live"]]) for g in groups]
-        live = [(g, keep) for g, keep in live if keep]
-        if not live:
-            self.rows, self.cache = [], None
-            return
-        room = max(row["branch"]["max_new"] - len(row["ids"]) for g, keep in live for row in (g[0][i] for i in keep)) + 1
-        (rows, cache, cache_rows, mask, _, _), keep = live[0]
-        layer = cache.layers[0]
-        if len(live) == 1 and [cache_rows[i] for i in keep] == list(range(layer._k.shape[0])) \
-                and layer._k.shape[2] - layer.n >= room:
-            self.cache = cache  # every row of one cache, with room: keep it as it is
-        else:
-            self.cache = _gather([(_layers(g[1]), [g[2][i] for i in keep]) for g, keep in live], room)
-        width = max(g[3].shape[1] for g, _ in live)
-        pick = [(g, torch.tensor(keep, device=g[3].device)) for g, keep in live]
-        self.mask = torch.cat([F.pad(g[3].index_select(0, idx), (0, width - g[3].shape[1])) for g, idx in pick])
-        self.next_pos = torch.cat([g[4].index_select(0, idx) for g, idx in pick])
-        self.nxt = torch.cat([g[5].index_select(0, idx) for g, idx in pick])
-        self.rows = [g[0][i] for g, keep in live for i in keep]
+            t = int(nxt[r])
+            if t in stops:
+                ended[b], active[r] = True, False
+                continue
+            tokens[b].append(t)
+            if len(tokens[b]) >= branches[b]["max_new"] or _finished(tok.decode(tokens[b]), branches[b]["stop"]):
+                active[r] = False
+        if not any(active):
+            break
+        if 2 * active.count(False) >= len(rows):
+            keep = [r for r in range(len(rows)) if active[r]]
+            idx = torch.tensor(keep, device=mask.device)
+            cache = _rows(_layers(cache), keep, room=max_new + 1 - step)
+            mask, next_pos, nxt = mask.index_select(0, idx), next_pos.index_select(0, idx), nxt.index_select(0, idx)
+            rows, active = [rows[r] for r in keep], [True] * len(keep)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        with torch.no_grad():
+            logits = _last_logits(model, nxt[:, None], mask, next_pos[:, None], cache,
+                                  torch.zeros((len(rows), 1), dtype=torch.long, device=mask.device))
+        nxt = logits[:, 0].argmax(-1)
+        next_pos = next_pos + 1
+    return [{"ids": t, "text": tok.decode(t, skip_special_tokens=True), "ended": e} for t, e in zip(tokens, ended)]
 
 
 def encode_parts(tok, parts):

@@ -56,36 +56,6 @@ def test_branches_match_a_full_forward_and_generate(tiny_model, small_data):
         assert tok.decode(got[3 + i]["ids"], skip_special_tokens=True) == text
 
 
-def test_rows_joining_a_decode_midway_match_generate(tiny_model, small_data):
-    """evaluate.py's continuous schedule: new states' rows join a GreedyBatch while older rows are still
-    decoding (caches of different widths, padding between a row's prompt and its new tokens). Every
-    row must still be exactly HF's greedy output."""
-    import torch
-    torch.set_num_threads(1)
-    tok = lm.load_tokenizer(tiny_model)
-    model = lm.load_model(tiny_model, None, "cpu", torch.float32)
-    recs = steps.read_steps(os.path.join(small_data[0], "alfworld_id_test.jsonl"))
-    prompts = [lm.encode_parts(tok, [steps.render_prompt(tok, r["messages"]), "Thought:"]) for r in recs[:4]]
-    assert len({len(p[0]) for p in prompts}) == 4
-    batch = lm.GreedyBatch(model, tok)
-    max_new = [3, 9, 14, 5]
-    for group in ([0, 1], [2, 3]):  # rows 0 and 1 start; 2 and 3 join three steps later
-        state = lm.encode_prompts(model, [prompts[i][0] for i in group], tok.pad_token_id)
-        lm.join_branches(batch, state, [{"row": j, "prefix": prompts[i][1], "max_new": max_new[i], "stop": "never"}
-                                        for j, i in enumerate(group)], group)
-        for _ in range(3):
-            batch.step()
-    assert batch.live() == 3 and set(batch.done) == {0}  # row 0 (3 tokens) left before the others joined
-    while batch.live():
-        batch.step()
-    for i, (prompt, prefix) in enumerate(prompts):
-        gen = model.generate(torch.tensor([prompt + prefix]), max_new_tokens=max_new[i], do_sample=False,
-                             eos_token_id=sorted(lm.stop_ids(tok, model)), pad_token_id=tok.pad_token_id)
-        want = gen[0, len(prompt) + len(prefix):].tolist()
-        got = batch.done[i]
-        assert got["ids"] + ([want[-1]] if got["ended"] else []) == want, i
-
-
 def test_reused_prompt_prefix_gives_the_same_branches(tiny_model, small_data):
     """evaluate.py reuses each agent's previous prompt cache; the answers must not change."""
     import torch
