@@ -5,14 +5,14 @@ Runs evaluate.py three times as subprocesses on the same episodes:
   reference   --backend generate --num-envs 1   one generate call per state and mode, nothing kept
   sequential  --backend hf --num-envs 1         the project's branches and per-episode KV cache, one env
   batched     --backend hf --num-envs N         the same, N environments in lockstep, one batch per step
-checks that every episode's transcript (model outputs and actions) is the same in all three, and prints
-episodes per minute and the ratios (batched vs reference is the headline; batched vs sequential is
-what lockstep batching alone buys):
+(--runs picks which besides the reference), checks that every episode's transcript (model outputs and
+actions) is the same in all of them, and prints episodes per minute and the ratios: batched vs
+reference is the headline, batched vs sequential is what lockstep batching alone buys. Times are whole
+processes (interpreter, imports, workers, model load, episodes).
 
-    reference 3.06 ep/min (314 s), sequential 3.85 ep/min (249 s), batched 8 envs 8.82 ep/min (109 s)
-    batched vs reference 2.88x, batched vs sequential 2.29x, sequential vs reference 1.26x; 16 episodes ...
-
-    python bench/eval_speed.py --max-episodes 16 --max-steps 4
+    python bench/eval_speed.py --split id_test,ood_test --mode both --max-episodes 16 --max-steps 4
+    reference 3.93 ep/min (733 s), batched 12.66 ep/min (228 s)
+    batched vs reference 3.22x (batched: 8 envs); 48 episodes of alfworld ... 0 transcripts differ
 """
 import argparse
 import json
@@ -37,6 +37,7 @@ parser.add_argument("--no-log-both", action="store_true", help="act in --mode on
 parser.add_argument("--num-envs", type=int, default=8, help="parallel environments of the batched run")
 parser.add_argument("--threads", type=int, default=2, help="torch CPU threads, both runs")
 parser.add_argument("--device", default="cpu", help="as in evaluate.py")
+parser.add_argument("--runs", default="reference,sequential,batched", help="which runs (reference is always run)")
 args = parser.parse_args()
 
 
@@ -61,6 +62,8 @@ def evaluate(backend, num_envs, out):
 tmp = tempfile.mkdtemp(prefix="eval_speed_")
 runs = {}
 for name, backend, n_envs in [("reference", "generate", 1), ("sequential", "hf", 1), ("batched", "hf", args.num_envs)]:
+    if name != "reference" and name not in args.runs.split(","):
+        continue
     runs[name] = evaluate(backend, n_envs, os.path.join(tmp, name))
     print(f"{name}: {runs[name][0]:.1f} s", flush=True)
 
@@ -70,15 +73,14 @@ def steps_of(rec):
 
 
 ref = runs["reference"][1]
-differ = sorted({i for name in ("sequential", "batched") for i in ref
-                 if i not in runs[name][1] or steps_of(ref[i]) != steps_of(runs[name][1][i])})
+differ = sorted({i for name in runs for i in ref if i not in runs[name][1] or steps_of(ref[i]) != steps_of(runs[name][1][i])})
 for i in differ:
     print("transcripts differ:", i)
 n = len(ref)
-(ref_s, _), (seq_s, _), (bat_s, _) = runs["reference"], runs["sequential"], runs["batched"]
-print(f"reference {60 * n / ref_s:.2f} ep/min ({ref_s:.0f} s), sequential {60 * n / seq_s:.2f} ep/min ({seq_s:.0f} s), "
-      f"batched {args.num_envs} envs {60 * n / bat_s:.2f} ep/min ({bat_s:.0f} s)")
-print(f"batched vs reference {ref_s / bat_s:.2f}x, batched vs sequential {seq_s / bat_s:.2f}x, "
-      f"sequential vs reference {ref_s / seq_s:.2f}x; {n} episodes of {args.env} {args.split} mode {args.mode}"
+sec = {name: r[0] for name, r in runs.items()}
+print(", ".join(f"{name} {60 * n / t:.2f} ep/min ({t:.0f} s)" for name, t in sec.items()))
+ratios = [f"{a} vs {b} {sec[b] / sec[a]:.2f}x" for a, b in [("batched", "reference"), ("batched", "sequential"),
+                                                           ("sequential", "reference")] if a in sec and b in sec]
+print(f"{'; '.join(ratios)} (batched: {args.num_envs} envs); {n} episodes of {args.env} {args.split} mode {args.mode}"
       f"{' (no log-both)' if args.no_log_both else ' (with log-both)'}, {len(differ)} transcripts differ")
 sys.exit(1 if differ or any(set(r[1]) != set(ref) for r in runs.values()) else 0)
