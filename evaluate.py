@@ -134,14 +134,15 @@ class WorkerError(RuntimeError):
 class Worker:
     """One environment process, spoken to in JSON lines (see envs.serve)."""
 
-    def __init__(self):
+    def __init__(self, preload):
+        """preload: environment names the worker builds before its first request (envs.py --preload)."""
         self.proc = None
+        self.cmd = args.worker_cmd.split() if args.worker_cmd else [sys.executable, os.path.join(HERE, "envs.py"), "--serve",
+                                                                    "--preload", ",".join(sorted(preload))]
         self.start()
 
     def start(self):
-        cmd = args.worker_cmd.split() if args.worker_cmd else [sys.executable, os.path.join(HERE, "envs.py"), "--serve",
-                                                               "--preload", ",".join(sorted(PRELOAD))]
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        self.proc = subprocess.Popen(self.cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                      text=True, cwd=HERE)
 
     def send(self, msg):
@@ -493,8 +494,7 @@ done = {r["id"] for r in steps.read_done(out_path)}
 todos = [[ep for mode in modes for t in tasks for ep in [new_episode(t, mode, ckpt)] if ep["id"] not in done]
          for ckpt in ckpts]
 # The workers start first: they import and build their environments while this process loads torch and the model.
-PRELOAD = {t["env"] for t in tasks}
-workers = [Worker() for _ in range(min(args.num_envs, max(map(len, todos), default=0)))]
+workers = [Worker({t["env"] for t in tasks}) for _ in range(min(args.num_envs, max(map(len, todos), default=0)))]
 try:
     model_path = None
     if args.policy == "model":
