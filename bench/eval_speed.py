@@ -11,8 +11,8 @@ reference is the headline, batched vs sequential is what lockstep batching alone
 processes (interpreter, imports, workers, model load, episodes).
 
     python bench/eval_speed.py --split id_test,ood_test --mode both --max-episodes 16 --max-steps 4
-    reference 3.93 ep/min (733 s), batched 12.66 ep/min (228 s)
-    batched vs reference 3.22x (batched: 8 envs); 48 episodes of alfworld ... 0 transcripts differ
+    reference 3.86 ep/min (746 s), batched 13.11 ep/min (220 s)
+    batched vs reference 3.40x (batched: 8 envs); 48 episodes of alfworld ... 0 transcripts differ
 """
 import argparse
 import json
