@@ -5,6 +5,8 @@
 - encode_step() renders a step record with the model's own chat template and labels it: loss only
   on the response, and, when asked, not on the final action tokens (found by character offsets,
   so the boundary is exact for any fast tokenizer).
+- batch_backward() is train.py's gradient of one batch (micro-batches, optionally an episode's
+  shared prompt prefix run once); the rest are the KV-cache branches of probe.py and evaluate.py.
 """
 import importlib.util
 import os
@@ -115,6 +117,133 @@ def encode_step(tok, rec, mask_action=False, no_cot=False):
     for i in range(last_eot + 1, len(ids)):
         labels[i] = -100
     return ids, labels, kinds
+
+
+# ----------------------------------------------------------------------------- training: one batch's gradient
+#
+# train.py's inner loop. A batch is split into micro-batches of at most `micro_batch_tokens` padded
+# tokens, each run, scored and backpropagated in turn (gradient accumulation), so memory stays
+# bounded whatever the batch. With share_prefix, the steps of one episode in a batch run their
+# common prompt prefix (system prompt, task, first observation: often half the tokens) once.
+
+MIN_SHARED = 32  # a shorter common prefix is not worth its own forward pass
+
+
+def micro_batches(examples, members, max_tokens, pad_id, device, start=0):
+    """Padded (ids, labels, kinds, attn) tensors of at most max_tokens tokens each (B x T), of the
+    examples' tokens from position `start` on; right padding, labels -100 there."""
+    members = sorted(members, key=lambda i: len(examples[i]["ids"]))
+    groups, cur = [], []
+    for i in members:
+        longest = max(len(examples[j]["ids"]) - start for j in cur + [i])
+        if cur and longest * (len(cur) + 1) > max_tokens:
+            groups.append(cur)
+            cur = []
+        cur.append(i)
+    groups.append(cur)
+    for group in groups:
+        width = max(len(examples[i]["ids"]) - start for i in group)
+        ids = torch.full((len(group), width), pad_id, dtype=torch.long)
+        labels = torch.full((len(group), width), -100, dtype=torch.long)
+        kinds = torch.full((len(group), width), PROMPT, dtype=torch.long)
+        attn = torch.zeros((len(group), width), dtype=torch.long)
+        for r, i in enumerate(group):
+            n = len(examples[i]["ids"]) - start
+            for name, t in (("ids", ids), ("labels", labels), ("kinds", kinds)):
+                t[r, :n] = torch.tensor(examples[i][name][start:])
+            attn[r, :n] = 1
+        yield ids.to(device), labels.to(device), kinds.to(device), attn.to(device)
+
+
+def shared_prefixes(examples, batch):
+    """[(prefix_len, members)] covering the batch: the examples of one episode (key "episode") and the
+    tokens they all share, cut so that every position predicting a response token stays outside the
+    prefix. Examples alone in their episode, or sharing fewer than MIN_SHARED tokens, come first,
+    together, with prefix_len 0."""
+    by_episode = {}
+    for i in batch:
+        by_episode.setdefault(examples[i]["episode"], []).append(i)
+    unshared, shared = [], []
+    for members in by_episode.values():
+        seqs = [examples[i]["ids"] for i in members]
+        limit = min(next(t for t, k in enumerate(examples[i]["kinds"]) if k != PROMPT) - 1 for i in members)
+        common = 0
+        while common < limit and all(s[common] == seqs[0][common] for s in seqs):
+            common += 1
+        if len(members) > 1 and common >= MIN_SHARED:
+            shared.append((common, members))
+        else:
+            unshared += members
+    return ([(0, unshared)] if unshared else []) + shared
+
+
+def _response_loss_backward(head, hidden, ids, labels, kinds, attn, n_sup, sums):
+    """Cross-entropy on the response tokens of one micro-batch, divided by the batch's supervised
+    token count n_sup, backpropagated; adds to the running sums. The vocabulary projection runs only
+    where a response token is predicted: prompts carry no loss, and (B, T, V) logits over them would
+    dominate time and memory. (Models whose forward post-processes logits, e.g. Gemma-2 soft-capping,
+    would need that here too.)"""
+    pred = (kinds[:, 1:] != PROMPT) & attn[:, 1:].bool()                # (B, T-1): predicts a response token
+    logits = head(hidden[:, :-1][pred]).float()                          # (N, V)
+    tok_loss = torch.nn.functional.cross_entropy(logits, ids[:, 1:][pred], reduction="none")  # (N,) nats
+    target, kind = labels[:, 1:][pred], kinds[:, 1:][pred]
+    sup = target != -100
+    ((tok_loss * sup).sum() / max(1, n_sup)).backward()
+    with torch.no_grad():
+        sums["loss"] += (tok_loss * sup).sum().item()
+        sums["n"] += sup.sum().item()
+        for name, k in (("action", ACTION), ("thought", THOUGHT)):
+            m = kind == k
+            sums[name] += (tok_loss * m).sum().item()
+            sums[f"n_{name}"] += m.sum().item()
+        sums["computed"] += attn.sum().item()
+
+
+def batch_backward(model, examples, batch, n_sup, pad_id, max_tokens=512, share_prefix=False, grad_checkpoint="off"):
+    """Accumulate into the trainable parameters' .grad the gradient of the batch's loss (the sum of
+    its response-token cross-entropies over n_sup). examples: dicts with "ids", "labels", "kinds"
+    (encode_step) and "episode". grad_checkpoint: "on", "off", or "auto" (only micro-batches longer
+    than max_tokens, i.e. single long examples).
+
+    Returns sums for logging: loss, n (supervised tokens), action/thought loss and token counts,
+    computed (tokens that ran through the model; fewer than the examples' with share_prefix)."""
+    from transformers import DynamicCache
+    core = model.get_base_model() if hasattr(model, "get_base_model") else model  # LoRA layers live inside it
+    decoder, head = core.get_decoder(), core.get_output_embeddings()
+    device = next(model.parameters()).device
+    checkpointed = [m for m in decoder.modules() if hasattr(m, "_gradient_checkpointing_func")]  # the layers
+    sums = dict.fromkeys(("loss", "n", "action", "n_action", "thought", "n_thought", "computed"), 0.0)
+    for prefix_len, members in shared_prefixes(examples, batch) if share_prefix else [(0, batch)]:
+        if not prefix_len:
+            for ids, labels, kinds, attn in micro_batches(examples, members, max_tokens, pad_id, device):
+                for layer in checkpointed:
+                    layer.gradient_checkpointing = grad_checkpoint == "on" or (
+                        grad_checkpoint == "auto" and ids.numel() > max_tokens)
+                hidden = decoder(input_ids=ids, attention_mask=attn).last_hidden_state  # (B, T, H)
+                _response_loss_backward(head, hidden, ids, labels, kinds, attn, n_sup, sums)
+            continue
+        # The prefix runs once. Every micro-batch of suffixes attends to its keys and values (one row,
+        # expanded); the gradient they send back accumulates in leaf copies, and one backward pass
+        # then carries the sum through the prefix. Attention is causal, so each suffix's activations
+        # are those of its whole sequence and the gradient is the same as running every step whole.
+        for layer in checkpointed:  # checkpointed layers drop the cache; micro-batches bound memory here
+            layer.gradient_checkpointing = False
+        prefix = torch.tensor([examples[members[0]]["ids"][:prefix_len]], device=device)
+        cache = decoder(input_ids=prefix, use_cache=True).past_key_values
+        kv = [t for layer in cache.layers for t in (layer.keys, layer.values)]      # (1, heads, P, d) each
+        leaves = [t.detach().requires_grad_() for t in kv]
+        for ids, labels, kinds, attn in micro_batches(examples, members, max_tokens, pad_id, device, start=prefix_len):
+            rows, width = ids.shape
+            past = DynamicCache([(leaves[j].expand(rows, -1, -1, -1), leaves[j + 1].expand(rows, -1, -1, -1))
+                                 for j in range(0, len(leaves), 2)])
+            mask = torch.cat([attn.new_ones(rows, prefix_len), attn], dim=1)
+            positions = torch.arange(prefix_len, prefix_len + width, device=device).expand(rows, -1)
+            hidden = decoder(input_ids=ids, attention_mask=mask, position_ids=positions,
+                             past_key_values=past).last_hidden_state
+            _response_loss_backward(head, hidden, ids, labels, kinds, attn, n_sup, sums)
+        torch.autograd.backward(kv, [leaf.grad for leaf in leaves])
+        sums["computed"] += prefix_len
+    return sums
 
 
 # ----------------------------------------------------------------------------- one prompt, many branches

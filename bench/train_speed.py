@@ -1,16 +1,24 @@
-"""bench/train_speed.py: train.py's training throughput against TRL's SFTTrainer (+ peft) and against the
-machine's measured matmul peak, same model, data, LoRA config, batch size and threads, in one run.
+"""bench/train_speed.py: train.py's training throughput against TRL's SFTTrainer (+ peft), against the
+machine's measured matmul peak, and against train.py run with other arguments (--variant), same model,
+data, LoRA config, batch size and threads, in one run.
 
     pip install -r bench/requirements-trl.txt     # TRL only for this benchmark (make bench-deps)
     python bench/train_speed.py --examples 32 --batch-size 4
+    python bench/train_speed.py --data data/study/alfworld_train.jsonl --episodes 8 --batch-size 8 --skip-trl --variant=--share-prefix
 
-Prints, for each trainer, real (unpadded) tokens per second over the same examples (one pass),
-peak RSS, and model FLOP utilisation = 6 x parameters x tokens/s / measured matmul FLOP/s:
+Prints, for each trainer, tokens per second over the same examples' (unpadded) tokens (one pass),
+peak RSS, and model FLOP utilisation = 6 x parameters x tokens/s / measured matmul FLOP/s; for each
+variant, its speed ratio to plain train.py and both loss curves. The second command on this project's
+2-core CPU machine, quiet (2026-11-25; the run also timed a since-removed bf16 autocast variant):
 
-    matmul peak 88.1 GFLOP/s (2 threads, fp32 2048x2048)
-    train.py  1234.5 tok/s  MFU 0.42  peak RSS 3.1 GB
-    TRL       845.2 tok/s   MFU 0.29  peak RSS 5.2 GB
-    train.py / TRL: 1.46x
+    matmul peak 208.8 GFLOP/s (2 threads, fp32 2048x2048)
+    train.py     226.7 tok/s  MFU 0.88  peak RSS 2.70 GB  (134.5M params, 31 examples, batch 8)
+    train.py --share-prefix     314.1 tok/s (54% of tokens computed)  peak RSS 3.40 GB  vs plain: 1.39x
+      loss per step, plain:   2.230 2.334 2.359
+      loss per step, variant: 2.629 2.469 2.199  (max |diff| 0.398; mean 2.4322 vs 2.3079)
+
+(--share-prefix batches whole episodes, so its batches, and so its loss per step, differ from plain's;
+its gradient on a given batch is the same, which tests/test_train.py checks.)
 """
 import argparse
 import json
@@ -33,6 +41,12 @@ parser.add_argument("--batch-size", type=int, default=4, help="examples per opti
 parser.add_argument("--lora-r", type=int, default=16, help="LoRA rank (alpha = 2r, dropout 0.05, all linear projections)")
 parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
 parser.add_argument("--skip-trl", action="store_true", help="only train.py and the matmul peak")
+parser.add_argument("--episodes", type=int, default=0,
+                    help="train on the steps of the first N episodes of --data, whole (instead of --examples sampled steps); "
+                         "what --share-prefix needs to share anything")
+parser.add_argument("--variant", action="append", default=[],
+                    help="extra train.py arguments to time against plain train.py on the same data, e.g. '--bf16-autocast' "
+                         "(repeatable); prints the speed ratio and the loss curves side by side")
 parser.add_argument("--trl-worker", action="store_true", help=argparse.SUPPRESS)
 args = parser.parse_args()
 
@@ -54,7 +68,7 @@ def trl_worker():
     torch.set_num_threads(args.threads)
     records = steps.read_steps(args.data)
     random.Random(0).shuffle(records)
-    records = records[:args.examples]
+    records = records[:args.examples]  # with --episodes the data file holds exactly those steps
     data = Dataset.from_list([{"prompt": r["messages"], "completion": [
         {"role": "assistant", "content": steps.format_response(r["thought"], r["action"])}]} for r in records])
     path = lm.resolve_model(args.model)
@@ -94,19 +108,44 @@ with torch.device("meta"):
     n_params = sum(p.numel() for p in AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(lm.resolve_model(args.model))).parameters())
 
 out = tempfile.mkdtemp(prefix="train_speed_")
-proc = subprocess.run([sys.executable, "train.py", "--model", args.model, "--data", args.data, "--max-examples", str(args.examples),
-                       "--max-steps", str(args.examples // args.batch_size), "--batch-size", str(args.batch_size),
-                       "--lora-r", str(args.lora_r), "--lora-alpha", str(2 * args.lora_r), "--threads", str(args.threads),
-                       "--device", "cpu", "--log-every", "1000", "--out", os.path.join(out, "run")],
-                      cwd=ROOT, capture_output=True, text=True)
-if proc.returncode:
-    sys.exit(f"train.py failed:\n{proc.stderr[-3000:]}")
-m = re.search(r"([\d.]+) tok/s, peak RSS ([\d.]+) GB", proc.stdout)
-ours, ours_gb = float(m.group(1)), float(m.group(2))
-print(f"train.py  {ours:8.1f} tok/s  MFU {6 * n_params * ours / peak:.2f}  peak RSS {ours_gb:.2f} GB  ({n_params / 1e6:.1f}M params)")
+data, n_examples = args.data, args.examples
+if args.episodes:  # whole episodes, so that --share-prefix has steps to share a prefix with
+    records = steps.read_steps(args.data)
+    keep = sorted({r["task_id"] for r in records})[:args.episodes]
+    records = [r for r in records if r["task_id"] in keep]
+    data, n_examples = os.path.join(out, "episodes_train.jsonl"), len(records)
+    steps.write_jsonl_atomic(data, records)
+
+
+def run_train(name, extra):
+    """train.py for one pass over the examples; (tok/s, peak GB, loss per step)."""
+    run = os.path.join(out, name)
+    proc = subprocess.run([sys.executable, "train.py", "--model", args.model, "--data", data, "--max-examples", str(n_examples),
+                           "--max-steps", str(n_examples // args.batch_size), "--batch-size", str(args.batch_size),
+                           "--lora-r", str(args.lora_r), "--lora-alpha", str(2 * args.lora_r), "--threads", str(args.threads),
+                           "--device", "cpu", "--log-every", "1", "--out", run, *extra],
+                          cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode:
+        sys.exit(f"train.py {' '.join(extra)} failed:\n{proc.stderr[-3000:]}")
+    m = re.search(r"([\d.]+) tok/s \((\d+)% of the tokens computed\), peak RSS ([\d.]+) GB", proc.stdout)
+    losses = [json.loads(line)["loss"] for line in open(os.path.join(run, "metrics.jsonl"))]
+    return float(m.group(1)), float(m.group(3)), losses, int(m.group(2))
+
+
+ours, ours_gb, base_losses, _ = run_train("plain", [])
+print(f"train.py  {ours:8.1f} tok/s  MFU {6 * n_params * ours / peak:.2f}  peak RSS {ours_gb:.2f} GB  ({n_params / 1e6:.1f}M params, "
+      f"{n_examples} examples, batch {args.batch_size})")
+for i, variant in enumerate(args.variant):
+    tok_s, gb, losses, computed = run_train(f"variant{i}", variant.split())
+    diff = max(abs(a - b) for a, b in zip(losses, base_losses))
+    print(f"train.py {variant}  {tok_s:8.1f} tok/s ({computed}% of tokens computed)  peak RSS {gb:.2f} GB  "
+          f"vs plain: {tok_s / ours:.2f}x")
+    print(f"  loss per step, plain:   {' '.join(f'{x:.3f}' for x in base_losses)}")
+    print(f"  loss per step, variant: {' '.join(f'{x:.3f}' for x in losses)}  (max |diff| {diff:.3f}; "
+          f"mean {sum(losses) / len(losses):.4f} vs {sum(base_losses) / len(base_losses):.4f})")
 if not args.skip_trl:
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--trl-worker", "--model", args.model, "--data", args.data,
-                           "--examples", str(args.examples), "--batch-size", str(args.batch_size), "--lora-r", str(args.lora_r),
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--trl-worker", "--model", args.model, "--data", data,
+                           "--examples", str(n_examples), "--batch-size", str(args.batch_size), "--lora-r", str(args.lora_r),
                            "--threads", str(args.threads)], cwd=ROOT, capture_output=True, text=True)
     if proc.returncode:
         sys.exit(f"TRL run failed (pip install -r bench/requirements-trl.txt):\n{proc.stderr[-3000:]}")

@@ -135,3 +135,45 @@ def test_two_gloo_processes_match_one(tiny_model, small_data, tmp_path):
     b = load_file(tmp_path / "two" / "checkpoint-000002" / "adapter_model.safetensors")
     for key in a:
         assert (a[key] - b[key]).abs().max() < 1e-6, key
+
+
+@pytest.mark.parametrize("lora", [True, False])
+def test_shared_prefix_gives_the_per_step_gradient(tiny_model, small_data, lora):
+    """--share-prefix runs an episode's common prompt prefix once per batch; the gradient (and loss)
+    must be those of running every step whole, including across several suffix micro-batches."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    tok = lm.load_tokenizer(tiny_model)
+    recs = steps.read_steps(os.path.join(small_data[0], "alfworld_train.jsonl"))
+    examples = []
+    for i, rec in enumerate(recs):
+        ids, labels, kinds = lm.encode_step(tok, rec, mask_action=i % 3 == 0)
+        examples.append({"ids": ids, "labels": labels, "kinds": kinds, "episode": rec["task_id"]})
+    batch = list(range(len(examples)))
+    groups = lm.shared_prefixes(examples, batch)
+    shared = [(p, m) for p, m in groups if p]
+    assert len(shared) >= 3 and all(len(m) > 1 and p >= lm.MIN_SHARED for p, m in shared)
+    for p, members in shared:  # the prefix is common to all members and ends before any response token
+        assert all(examples[i]["ids"][:p] == examples[members[0]]["ids"][:p] for i in members)
+        assert all(set(examples[i]["kinds"][:p + 1]) == {lm.PROMPT} for i in members)
+    n_sup = sum(sum(l != -100 for l in e["labels"][1:]) for e in examples)
+    results = []
+    for share in (False, True):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+        if lora:  # random B as well as A, so every LoRA weight gets a gradient
+            model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False,
+                                                     target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "up_proj"]))
+        model.train()
+        sums = lm.batch_backward(model, examples, batch, n_sup, tok.pad_token_id, max_tokens=300, share_prefix=share)
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        results.append((sums, grads))
+    (plain, g_plain), (fast, g_fast) = results
+    assert fast["computed"] < 0.8 * plain["computed"]
+    assert abs(fast["loss"] - plain["loss"]) < 1e-4 * plain["loss"] and fast["n"] == plain["n"] == n_sup
+    assert g_plain.keys() == g_fast.keys() and len(g_plain) > 0
+    for name in g_plain:
+        scale = g_plain[name].abs().max().item()
+        assert scale > 0, name
+        assert (g_plain[name] - g_fast[name]).abs().max().item() < 1e-4 * scale, name
