@@ -60,6 +60,9 @@ parser.add_argument("--max-candidates", type=int, default=20, help="ScienceWorld
 parser.add_argument("--alfworld-data", default=None, help="real ALFWorld folder (holding json_2.1.1/); default: generate games offline")
 parser.add_argument("--alfworld-train-per-type", type=int, default=10, help="train games per in-domain task type")
 parser.add_argument("--alfworld-test-per-type", type=int, default=4, help="id_test games per in-domain type and ood_test games per held-out type")
+parser.add_argument("--alfworld-search", type=int, default=0,
+                    help="most receptacles the ALFWorld expert visits (seeded draw among those that could hold the object or lamp) "
+                         "before the one where it is: the search an agent that cannot see inside makes (0 = walk straight there)")
 parser.add_argument("--alfworld-plan-timeout", type=float, default=60.0, help="seconds the planner may take per generated game before it is redrawn")
 # ScienceWorld
 parser.add_argument("--sciworld-train-per-task", type=int, default=1, help="train variations per in-domain task (20 tasks)")
@@ -123,12 +126,91 @@ def likely_places(obj, receptacles, first, rng):
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
 
 
-def alfworld_thoughts(task, first_obs, plan, rng):
-    """One thought (and its situation) per expert action of an ALFWorld episode."""
+def holders(kind, receptacles):
+    """The room's receptacles (room order) that ALFWorld's table lets hold an object of this kind."""
+    import alfworld.gen.constants as C
+    lower = {r.lower(): r for r in C.VAL_RECEPTACLE_OBJECTS}
+    otype = C.OBJECTS_LOWER_TO_UPPER.get(kind, kind)
+    return [r for r in receptacles if otype in C.VAL_RECEPTACLE_OBJECTS.get(lower.get(r.split()[0], ""), ())]
+
+
+def search_target(plan, t, holding):
+    """What the 'go to' at plan[t] walks to find: ("lamp", "desklamp"), ("object", "mug"), or None (not
+    a search). Read from the next action that is not an 'open': using a lamp, or taking while empty-handed."""
+    j = t + 1
+    while j < len(plan) and plan[j].startswith("open "):
+        j += 1
+    nxt = plan[j].split() if j < len(plan) else []
+    if nxt[:1] == ["use"]:
+        return "lamp", nxt[1]
+    if nxt[:1] == ["take"] and not holding:
+        return "object", nxt[1]
+    return None
+
+
+def searching_plan(env, task, first_obs, walkthrough, rng):
+    """The walkthrough with the search of an expert that cannot see inside receptacles: before walking
+    to where the object (or the lamp) is, it visits up to --alfworld-search other receptacles that
+    could hold it (seeded draw, room order), opening closed ones. Run live in `env`.
+
+    Returns (plan, {index of a detour action: 'lamp' or 'object'}), or (walkthrough, None) when
+    a detour would come upon what it looks for (the expert would then have to take that one), an
+    action is not admissible, or the plan does not win."""
+    receptacles = room_receptacles(first_obs)
+    plan, detours, opened, visited, holding, here = [], {}, set(), set(), False, None
+    env.reset(task)
+    for t, action in enumerate(walkthrough):
+        if action.startswith("go to "):
+            goal = action[len("go to "):]
+            sought = search_target(walkthrough, t, holding)
+            if sought:
+                kind = sought[1]
+                options = [r for r in holders(kind, receptacles) if r not in visited | {goal, here}]
+                chosen = set(rng.sample(options, rng.randint(0, min(args.alfworld_search, len(options)))))
+                for place in [r for r in options if r in chosen]:
+                    detour = [f"go to {place}"]
+                    for a in detour:
+                        if a not in env.valid_actions():
+                            return walkthrough, None
+                        obs, _, _, _ = env.step(a)
+                        detours[len(plan)] = sought[0]
+                        plan.append(a)
+                        if re.search(rf"\b{kind} \d+", obs):
+                            return walkthrough, None
+                        if f"{place} is closed" in obs:
+                            detour.append(f"open {place}")
+                            opened.add(place)
+                    visited.add(place)
+                    here = place
+        if action.startswith("open ") and action[len("open "):] in opened:
+            continue  # opened on a detour already
+        if action not in env.valid_actions():
+            return walkthrough, None
+        _, _, done, info = env.step(action)
+        plan.append(action)
+        if action.startswith("go to "):
+            here = action[len("go to "):]
+            visited.add(here)
+        if action.startswith("open "):
+            opened.add(action[len("open "):])
+        if action.startswith("take "):
+            holding = True
+        if action.startswith(("move ", "put ")):
+            holding = False
+        if done:
+            return (plan, detours) if info["won"] else (walkthrough, None)
+    return walkthrough, None
+
+
+def alfworld_thoughts(task, first_obs, plan, rng, detours=None):
+    """One thought (and its situation) per expert action of an ALFWorld episode. detours: the
+    indices of search visits that find nothing (searching_plan)."""
     table = THOUGHTS["alfworld"]
     kind, obj, recep = alfworld_goal(task)
     recs = room_receptacles(first_obs)
+    detours = detours or {}
     holding, transformed, placed, lamp_on = False, False, 0, False
+    searched = None  # the last place a still-running search looked at
     out = []
     for t, action in enumerate(plan):
         nxt = plan[t + 1] if t + 1 < len(plan) else ""
@@ -136,14 +218,17 @@ def alfworld_thoughts(task, first_obs, plan, rng):
         target = " ".join(words[2:4]) if action.startswith("go to") else ""
         f = dict(obj=obj, a_obj=article(obj), A_obj=article(obj).capitalize(), recep=article(recep), target=target,
                  Target=target.capitalize(), lamp=recep if kind == "look" else "desklamp",
-                 likely_lamp="a desk or a side table")
+                 likely_lamp="a desk or a side table", prev=searched or "", Prev=(searched or "").capitalize())
         if kind in table["tool_state"]:
             state, tool, gerund = table["tool_state"][kind]
             f.update(state=state, tool=tool, gerund=gerund)
         f["ready"] = f" (now {f['state']})" if transformed and kind in table["tool_state"] else ""
         if action.startswith("go to"):
-            if nxt.startswith("use "):
-                situation = "to_lamp" if holding else "search"
+            sought = detours.get(t) or (search_target(plan, t, holding) or [None])[0]
+            if sought == "lamp":
+                situation = "lamp_next" if searched else ("to_lamp" if holding else "find_lamp")
+            elif sought and searched:
+                situation = "search_next"
             elif not holding:
                 situation = "search_second" if placed else "search"
             elif re.match(r"(heat|cool|clean) ", nxt):
@@ -152,11 +237,13 @@ def alfworld_thoughts(task, first_obs, plan, rng):
                 situation = "to_goal"
             else:
                 situation = "other"
-            if situation in ("search", "search_second"):
+            if situation in ("search", "search_second", "search_next"):
                 f["likely"] = likely_places(obj, recs, target, rng)
+            searched = target if sought else None
         elif action.startswith("open "):
             situation, f["target"] = "open", " ".join(words[1:3])
         elif action.startswith("take "):
+            searched = None
             situation = "take_under_lamp" if lamp_on else ("take_second" if placed else "take")
             f["target"] = action.split(" from ")[-1]
             holding = True
@@ -167,6 +254,7 @@ def alfworld_thoughts(task, first_obs, plan, rng):
             f["target"] = re.split(r" to | in | on ", action)[-1]
             holding, transformed, placed = False, False, placed + 1
         elif action.startswith("use "):
+            searched = None
             situation, lamp_on = "use_lamp", True
         else:
             situation = "other"
@@ -227,6 +315,9 @@ def bfcl_thought(task, rng):
 
 # ----------------------------------------------------------------------------- episodes -> records
 
+SEARCH_FALLBACKS = [0]  # ALFWorld episodes where searching_plan fell back to the walkthrough
+
+
 def episode_records(task, env, rng, max_plan=None):
     """Run the expert on one task; its step records, None if the expert did not win, or
     "too long" if its plan has more than max_plan steps."""
@@ -236,7 +327,12 @@ def episode_records(task, env, rng, max_plan=None):
         return "too long"
     goal = info["task"]
     if task["env"] == "alfworld":
-        thoughts = alfworld_thoughts(goal, obs, plan, rng)
+        detours = {}
+        if args.alfworld_search:
+            plan, detours = searching_plan(env, task, obs, plan, random.Random(f"search/{args.seed}/{task['id']}"))
+            SEARCH_FALLBACKS[0] += detours is None
+            obs, info = env.reset(task)
+        thoughts = alfworld_thoughts(goal, obs, plan, rng, detours)
     elif task["env"] == "scienceworld":
         thoughts = [sciworld_thought(goal, a, rng) for a in plan]
     else:
@@ -400,6 +496,7 @@ def build_env(name, rng, meta):
     meta[name] = {"episodes": {s: len({r["task_id"] for r in recs}) for s, recs in by_split.items()},
                   "steps": {s: len(recs) for s, recs in by_split.items()},
                   "expert_failed": failed, "skipped_long_gold": skipped,
+                  **({"search_fallbacks": SEARCH_FALLBACKS[0]} if name == "alfworld" else {}),
                   "expert_seconds": round(seconds, 1), "expert_steps_per_second": round(n_steps / max(seconds, 1e-9), 1)}
     return by_split
 

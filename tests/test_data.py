@@ -1,4 +1,5 @@
 """Foundation: step format, the three environments with their experts, make_data.py's output."""
+import collections
 import json
 import os
 import random
@@ -133,6 +134,35 @@ def test_generated_alfworld_games_are_won_by_the_expert(small_data):
                 assert a in env.valid_actions(), (task["id"], a)
                 obs, reward, done, info = env.step(a)
             assert info["won"] and done, task["id"]
+
+
+def test_searching_expert_looks_before_it_finds(tmp_path):
+    """--alfworld-search: the expert visits other receptacles that could hold what it seeks before the one
+    where it is; every action is admissible where it is taken, every episode is still won when replayed,
+    and the search steps are reasoned as searches."""
+    out = tmp_path / "d"
+    run("make_data.py", "--env", "alfworld", "--seed", "1", "--out", str(out), "--alfworld-train-per-type", "3",
+        "--alfworld-test-per-type", "1", "--alfworld-search", "2")
+    meta = json.loads((out / "meta.json").read_text())["alfworld"]
+    assert meta["expert_failed"] == 0 and meta["search_fallbacks"] <= 6
+    recs = [r for rows in load_dir(out).values() for r in rows]
+    episodes = {}
+    for r in recs:
+        assert r["action"] in r["candidates"], r["id"]
+        episodes.setdefault(r["task_id"], []).append(r)
+    kinds = collections.Counter(r["thought_kind"] for r in recs)
+    assert kinds["search_next"] >= 3, kinds
+    games = {t["id"]: t for t in envs.alfworld_tasks(str(out / "alfworld_games"))}
+    detoured = 0
+    with envs.AlfWorld() as env:
+        for tid, rows in episodes.items():
+            env.reset(games[tid])
+            plan = [r["action"] for r in sorted(rows, key=lambda r: r["step"])]
+            detoured += len(plan) > len(env.expert_plan())
+            for a in plan:
+                _, _, done, info = env.step(a)
+            assert info["won"] and done, tid
+    assert detoured >= len(episodes) // 3
 
 
 def test_alfworld_planner_solves_fresh_games(tmp_path):
