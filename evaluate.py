@@ -18,7 +18,8 @@ the paired CoT-minus-prompt difference on the same tasks), meta.json. One record
     "id":          "k0.3_seed0/checkpoint-000040/cot/alfworld/ood_test/pick_two_obj_and_place-1/trial_0"
     "checkpoint":  "k0.3_seed0/checkpoint-000040"    "step": 40    (base model: "base", 0; "expert", "random")
     "env", "task_type", "split", "task_id", "mode":  "cot"
-    "won": false, "score": 0.0, "steps": 50, "invalid_actions": 12, "agreement": 0.34, "error": null
+    "won": false, "score": 0.0, "steps": 24, "max_steps": 24, "expert_steps": 8   (the cap; the expert's path length)
+    "invalid_actions": 12, "agreement": 0.34, "error": null
     "transcript":  [{"obs": "...", "output": " I need ...\\nAction: go to shelf 1", "action": "go to shelf 1",
                      "other_action": "take mug 1 from shelf 1", "invalid": false}, ...]
 
@@ -26,8 +27,10 @@ the paired CoT-minus-prompt difference on the same tasks), meta.json. One record
     python evaluate.py --policy expert --env alfworld,bfcl --data /tmp/d --out /tmp/eval_expert
 """
 import argparse
+import collections
 import glob
 import json
+import math
 import os
 import random
 import select
@@ -50,6 +53,8 @@ parser.add_argument("--split", default="id_test,ood_test", help="comma list of i
 parser.add_argument("--data", default="data/generated", help="make_data.py output folder: its <env>_<split>.jsonl name the episodes")
 parser.add_argument("--max-episodes", type=int, default=0, help="per env x split, a seeded sample of this many episodes (0 = all)")
 parser.add_argument("--max-steps", type=int, default=0, help="cap on steps per episode (0 = the env's own: ALFWorld 50, ScienceWorld per task, BFCL 1)")
+parser.add_argument("--max-steps-factor", type=float, default=0.0,
+                    help="also cap each episode at ceil(F x its expert path length in the step data) steps (0 = no such cap)")
 parser.add_argument("--history", type=int, default=4, help="past exchanges kept in the prompt (as in make_data.py)")
 # generation
 parser.add_argument("--backend", default="hf", choices=["hf", "vllm", "generate"],
@@ -104,13 +109,15 @@ def load_tasks():
             path = os.path.join(args.data, f"{env}_{split}.jsonl")
             if not os.path.exists(path):
                 fail(f"{path} not found: make it with make_data.py (or pass --data)")
-            ids = list(dict.fromkeys(r["task_id"] for r in steps.read_jsonl(path, required=("task_id",))))
+            expert_steps = collections.Counter(r["task_id"] for r in steps.read_jsonl(path, required=("task_id",)))
+            ids = list(expert_steps)  # file order
             if args.max_episodes and len(ids) > args.max_episodes:
                 ids = [ids[i] for i in sorted(rng.sample(range(len(ids)), args.max_episodes))]
             if env == "scienceworld":
                 for tid in ids:
                     _, name, var = tid.split("/")
-                    tasks.append({"id": tid, "env": env, "task_type": name, "split": split, "task_name": name, "variation": int(var)})
+                    tasks.append({"id": tid, "env": env, "task_type": name, "split": split, "task_name": name, "variation": int(var),
+                                  "expert_steps": expert_steps[tid]})
                 continue
             if known is None:
                 if env == "alfworld":
@@ -123,7 +130,7 @@ def load_tasks():
             for tid in ids:
                 if tid not in known:
                     fail(f"{path}: episode {tid} is not among the {env} tasks (was the data made elsewhere?)")
-                tasks.append(dict(known[tid], split=split))
+                tasks.append(dict(known[tid], split=split, expert_steps=expert_steps[tid]))
     return tasks
 
 
@@ -186,6 +193,12 @@ def new_episode(task, mode, ckpt):
             "task": task, "tries": 0}
 
 
+def step_cap(task, env_cap):
+    """The env's own step limit, capped by --max-steps and by --max-steps-factor x the expert's path."""
+    factor_cap = math.ceil(args.max_steps_factor * task["expert_steps"]) if args.max_steps_factor else env_cap
+    return min(env_cap, args.max_steps or env_cap, factor_cap)
+
+
 def begin(ep):
     """Reset state of an (re)started episode."""
     ep.update(observations=[], actions=[], transcript=[], won=False, score=0.0, invalid=0, goal=None, functions=None,
@@ -198,7 +211,7 @@ def finish(ep, error=None):
              for s in ep["transcript"] if s.get("other_action") is not None]
     return {k: ep[k] for k in ("id", "checkpoint", "step", "env", "task_type", "split", "task_id", "mode")} | {
         "won": bool(ep["won"]) if error is None else False, "score": ep["score"] if error is None else 0.0,
-        "steps": n, "invalid_actions": ep["invalid"], "invalid_rate": round(ep["invalid"] / n, 4) if n else None,
+        "steps": n, "max_steps": ep["max_steps"], "expert_steps": ep["task"].get("expert_steps"), "invalid_actions": ep["invalid"], "invalid_rate": round(ep["invalid"] / n, 4) if n else None,
         "agreement": round(sum(agree) / len(agree), 4) if agree else None, "error": error,
         "errored": error is not None, "seconds": round(time.time() - ep["t_start"], 2), "transcript": ep["transcript"]}
 
@@ -380,7 +393,7 @@ def run_checkpoint(ckpt, episodes, policy, workers, fout):
                 continue
             ep = slots[s]
             ep.update(observations=[r["obs"]], goal=r["info"]["task"], functions=r["info"].get("functions"),
-                      max_steps=min(r["info"]["max_steps"], args.max_steps or 10 ** 9), plan=r["plan"], valid=r["valid"])
+                      max_steps=step_cap(ep["task"], r["info"]["max_steps"]), plan=r["plan"], valid=r["valid"])
         live = [s for s in range(len(slots)) if slots[s] is not None and slots[s]["goal"] is not None]
         if not live:
             continue

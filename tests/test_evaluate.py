@@ -1,5 +1,7 @@
 """evaluate.py: expert ceiling, both modes on the tiny model in all three environments, resume, env crashes and hangs."""
+import collections
 import json
+import math
 import os
 import sys
 
@@ -7,7 +9,7 @@ from conftest import ROOT, run
 
 TINY = ["--threads", "1", "--max-thought-tokens", "6", "--max-action-tokens", "6", "--max-steps", "3"]
 FIELDS = {"id", "checkpoint", "step", "env", "task_type", "split", "task_id", "mode", "won", "score", "steps",
-          "invalid_actions", "invalid_rate", "agreement", "error", "errored", "seconds", "transcript"}
+          "max_steps", "expert_steps", "invalid_actions", "invalid_rate", "agreement", "error", "errored", "seconds", "transcript"}
 
 
 def read(path):
@@ -37,6 +39,14 @@ def test_random_policy_is_a_floor(all_data, tmp_path):
     recs = read(tmp_path / "episodes.jsonl")
     assert recs and all(r["steps"] <= 5 for r in recs)
     assert all(not r["won"] for r in recs if r["env"] == "bfcl")  # a call with no arguments never passes
+    # --max-steps-factor: each episode's cap is F x its expert path in the step data (rounded up).
+    run("evaluate.py", "--policy", "random", "--data", str(all_data), "--env", "alfworld", "--out", str(tmp_path / "f"),
+        "--max-steps-factor", "1.5")
+    expert = collections.Counter(json.loads(line)["task_id"] for n in ("alfworld_id_test.jsonl", "alfworld_ood_test.jsonl")
+                                 for line in open(all_data / n))
+    for r in read(tmp_path / "f" / "episodes.jsonl"):
+        assert r["expert_steps"] == expert[r["task_id"]] and r["max_steps"] == math.ceil(1.5 * r["expert_steps"])
+        assert r["steps"] <= r["max_steps"]
 
 
 def test_tiny_model_both_modes_all_envs_and_resume(tiny_model, all_data, tmp_path):
