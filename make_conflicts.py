@@ -38,7 +38,8 @@ parser.add_argument("--pool", nargs="+", default=["data/generated/*_train.jsonl"
                     help="step JSONL files or globs whose thoughts may be borrowed (plus --data itself)")
 parser.add_argument("--methods", default="borrow,template", help="comma list of borrow, template")
 parser.add_argument("--keep-frac", type=float, default=1.0, help="fraction in (0, 1] of the trace's words kept")
-parser.add_argument("--max-per-split", type=int, default=0, help="per env x split, a seeded sample of this many steps (0 = all)")
+parser.add_argument("--max-per-split", type=int, default=0,
+                    help="per env x split, a seeded sample of this many steps (0 = all): the steps probe.py --max-records N picks with the same --seed")
 parser.add_argument("--seed", type=int, default=0, help="seeds the step sample, a2 and the trace choice")
 parser.add_argument("--out", default="data/generated/conflicts.jsonl", help="output JSONL")
 args = parser.parse_args()
@@ -125,15 +126,10 @@ for rec in sorted(pool.values(), key=lambda r: r["id"]):
         by_kind.setdefault((rec["env"], kind), []).append((rec, a))
 templates = steps.load_template("conflicts.json")["verbs"]
 
-groups = {}
-for rec in records:
-    groups.setdefault((rec["env"], rec["split"]), []).append(rec)
 rng = random.Random(f"conflicts/{args.seed}")
 out, skipped = [], {"no candidates": 0, "no other valid action": 0, "nothing to borrow": 0}
-for key in sorted(groups):
-    recs = groups[key]
-    if args.max_per_split and len(recs) > args.max_per_split:
-        recs = [recs[i] for i in sorted(rng.sample(range(len(recs)), args.max_per_split))]
+# The same steps probe.py --max-records N --seed S samples, given the same N and S.
+for recs in steps.sample_per_split(records, args.max_per_split, args.seed).values():
     for rec in recs:
         if not rec.get("candidates"):
             skipped["no candidates"] += 1

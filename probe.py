@@ -122,15 +122,9 @@ def load_records():
             records += steps.read_steps(path)
     if not records:
         fail(f"no records in {', '.join(files)}")
-    groups = {}
-    for rec in records:
-        groups.setdefault((rec["env"], rec["split"]), []).append(rec)
-    rng = random.Random(f"sample/{args.seed}")
+    rng = random.Random(f"attribution/{args.seed}")
     chosen, sampled = [], set()
-    for key in sorted(groups):
-        recs = groups[key]
-        if args.max_records and len(recs) > args.max_records:
-            recs = [recs[i] for i in sorted(rng.sample(range(len(recs)), args.max_records))]
+    for recs in steps.sample_per_split(records, args.max_records, args.seed).values():
         chosen += recs
         # The attribution sample is fixed by the seed, the same records for every checkpoint.
         k = min(args.attribution_samples, len(recs))

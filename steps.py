@@ -12,6 +12,7 @@ only (plus file I/O helpers), the way nanoGPT shares only model.py.
 import functools
 import json
 import os
+import random
 import re
 import tempfile
 
@@ -184,6 +185,20 @@ def read_steps(path):
     for i, rec in enumerate(records):
         check_step(rec, f"{path}:record {i + 1} (id={rec.get('id')!r})")
     return records
+
+
+def sample_per_split(records, n, seed):
+    """{(env, split): records} with at most n records per env x split, in file order, drawn with a
+    generator of its own per group, so probe.py and make_conflicts.py given the same n and seed pick
+    the same steps (n = 0: all)."""
+    groups = {}
+    for rec in records:
+        groups.setdefault((rec["env"], rec["split"]), []).append(rec)
+    for (env, split), recs in groups.items():
+        if n and len(recs) > n:
+            pick = sorted(random.Random(f"sample/{seed}/{env}/{split}").sample(range(len(recs)), n))
+            groups[(env, split)] = [recs[i] for i in pick]
+    return dict(sorted(groups.items()))
 
 
 def write_jsonl_atomic(path, records):
