@@ -55,8 +55,8 @@ def run_info(folder):
         meta = json.load(f)
     info = {}
     for name, _, path in meta["checkpoints"]:
-        if path is None:
-            info[name] = ("base", None, None)
+        if path is None:  # the base model, or evaluate.py's expert / random policy
+            info[name] = (name if name in ("expert", "random") else "base", None, None)
             continue
         ckpt_meta = os.path.join(path, "meta.json")
         if os.path.exists(ckpt_meta):
@@ -245,7 +245,8 @@ if conf:
 episodes = load("eval", "episodes.jsonl")
 if episodes:
     for r in episodes:
-        r["k_label"] = "base" if r["run"] == "base" else ("no-CoT" if r["k"] is None else f"k={r['k']}")
+        r["k_label"] = (r["run"] if r["run"] in ("base", "expert", "random")
+                        else "no-CoT" if r["k"] is None else f"k={r['k']}")
     last = {}
     for r in episodes:
         last[r["run"]] = max(last.get(r["run"], -1), r["step"])
