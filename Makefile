@@ -3,12 +3,13 @@
 #   make data    the default step JSONL for all three environments (data/generated/)
 #   make test    the test suite (tiny random model, real environments; CI runs this)
 #   make demo    the whole study, small, on the embedded SmolLM2-135M (~20 min on 2 CPU cores)
+#   make study   the study at the scale that fits ~2 hours on 2 CPU cores (study.sh; resumes after a kill)
 #   make test-slow   end-to-end tests on the real embedded model (minutes)
 #   make bench-deps  TRL, only for bench/train_speed.py
 PY := .venv/bin/python
 SEED ?= 0
 
-.PHONY: setup data test test-slow demo sweep bench-deps clean
+.PHONY: setup data test test-slow demo study sweep bench-deps clean
 
 setup: .venv/.done
 
@@ -30,6 +31,9 @@ test-slow: setup
 
 demo: setup
 	SEED=$(SEED) bash demo.sh
+
+study: setup
+	SEED=$(SEED) bash study.sh
 
 sweep: setup
 	bash sweep.sh

@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# The study on the embedded SmolLM2-135M-Instruct, at the scale that fits about 2 hours on 2 CPU cores:
+# ALFWorld data with a searching expert -> LoRA SFT with k=0 and k=0.3 (same seed and data) -> rollouts
+# of each run's last checkpoint (both modes, in-domain and out-of-domain, plus the expert and random
+# policies) -> probe and conflict probe of the base model and every checkpoint on the same steps ->
+# report (results/study/report/). Every stage resumes: rerunning the same command after a kill
+# continues where it stopped. Each stage's wall time and peak RSS go to $OUT/stages.tsv.
+#   bash study.sh                        (what `make study` runs)
+#   SEED=1 OUT=results/study_seed1 bash study.sh
+set -euo pipefail
+cd "$(dirname "$0")"
+PY=${PY:-.venv/bin/python}
+SEED=${SEED:-0}
+DATA=${DATA:-data/study}
+OUT=${OUT:-results/study}
+THREADS=${THREADS:-2}
+KS=${KS:-"0.0 0.3"}
+EPOCHS=${EPOCHS:-1}
+BATCH=${BATCH:-8}
+TRAIN_ARGS=${TRAIN_ARGS:-"--lr 1e-3 --lora-r 16 --lora-alpha 32 --share-prefix"}
+EPISODES=${EPISODES:-64}            # rollouts per split, mode and run (the data has 64 in-domain, 32 out-of-domain)
+STEP_FACTOR=${STEP_FACTOR:-3}       # a rollout may take 3x the expert's steps
+RECORDS=${RECORDS:-100}             # probe and conflict records per split
+mkdir -p "$OUT"
+stage() { printf '\n== [%s] %s\n' "$(date +%H:%M:%S)" "$*"; }
+# timed NAME CMD...: run CMD, append "NAME seconds peak_rss_kb" to stages.tsv (a resumed stage adds a line)
+timed() { local name=$1; shift; /usr/bin/time -f "$name	%e	%M" -a -o "$OUT/stages.tsv" "$@"; }
+
+stage "1/7 data: ALFWorld games and expert steps with search -> $DATA"
+if [ ! -f "$DATA/meta.json" ]; then
+  timed data $PY make_data.py --env alfworld --seed "$SEED" --out "$DATA" --alfworld-train-per-type 40 \
+    --alfworld-test-per-type 16 --alfworld-search 2
+fi
+N=$(wc -l < "$DATA/alfworld_train.jsonl")
+STEPS=$(( (N + BATCH - 1) / BATCH * EPOCHS ))
+SAVE=$(( (STEPS + 3) / 4 ))  # 4 checkpoints per run
+
+stage "2/7 expert and random policies (the ceiling and the floor) on the same episodes"
+for POLICY in expert random; do
+  timed "eval_$POLICY" $PY evaluate.py --policy "$POLICY" --data "$DATA" --env alfworld --max-episodes "$EPISODES" \
+    --max-steps-factor "$STEP_FACTOR" --num-envs 4 --seed "$SEED" --out "$OUT/eval/$POLICY"
+done
+
+for K in $KS; do
+  RUN="$OUT/runs/k${K}_seed$SEED"
+  stage "3/7 train: LoRA SFT, k=$K, $N steps x $EPOCHS epochs = $STEPS optimizer steps, checkpoint every $SAVE -> $RUN"
+  if [ ! -f "$RUN/done" ]; then
+    # shellcheck disable=SC2086  # TRAIN_ARGS is a word list on purpose
+    timed "train_k$K" $PY train.py --data "$DATA/alfworld_train.jsonl" --mask-action-frac "$K" --seed "$SEED" \
+      --epochs "$EPOCHS" --batch-size "$BATCH" --save-every "$SAVE" --log-every 10 --threads "$THREADS" $TRAIN_ARGS \
+      --out "$RUN" $( [ -d "$RUN" ] && echo --resume )
+    touch "$RUN/done"
+  fi
+  stage "4/7 rollouts of k=$K's last checkpoint: up to $EPISODES in-domain and out-of-domain episodes per mode"
+  timed "eval_k$K" $PY evaluate.py --adapter "$RUN" --data "$DATA" --env alfworld --mode both --no-log-both --max-episodes "$EPISODES" \
+    --max-steps-factor "$STEP_FACTOR" --max-thought-tokens 96 --num-envs 16 --seed "$SEED" --threads "$THREADS" \
+    --out "$OUT/eval/k${K}_seed$SEED"
+done
+
+stage "5/7 conflicts: a valid different action a2 and a trace for it, on the probe's steps"
+[ -f "$OUT/conflicts.jsonl" ] || timed conflicts $PY make_conflicts.py --data "$DATA/alfworld_id_test.jsonl" \
+  "$DATA/alfworld_ood_test.jsonl" --pool "$DATA/alfworld_train.jsonl" --max-per-split "$RECORDS" --seed "$SEED" \
+  --out "$OUT/conflicts.jsonl"
+
+PROBE_ARGS="--max-records $RECORDS --attribution-samples 16 --max-thought-tokens 96 --seed $SEED --threads $THREADS"
+stage "6/7 probe: base model and every checkpoint on $RECORDS in-domain + $RECORDS out-of-domain steps, then conflicts"
+# shellcheck disable=SC2086
+timed probe_base $PY probe.py --data "$DATA/alfworld_id_test.jsonl" "$DATA/alfworld_ood_test.jsonl" $PROBE_ARGS --out "$OUT/probe/base"
+timed conflicts_base $PY probe.py --conflicts "$OUT/conflicts.jsonl" --seed "$SEED" --threads "$THREADS" --out "$OUT/conflicts/base"
+for K in $KS; do
+  RUN="$OUT/runs/k${K}_seed$SEED"
+  # shellcheck disable=SC2086
+  timed "probe_k$K" $PY probe.py --no-base --checkpoints "$RUN" --data "$DATA/alfworld_id_test.jsonl" \
+    "$DATA/alfworld_ood_test.jsonl" $PROBE_ARGS --out "$OUT/probe/k${K}_seed$SEED"
+  timed "conflicts_k$K" $PY probe.py --no-base --checkpoints "$RUN" --conflicts "$OUT/conflicts.jsonl" --seed "$SEED" \
+    --threads "$THREADS" --out "$OUT/conflicts/k${K}_seed$SEED"
+done
+
+stage "7/7 report: tables and figures"
+timed report $PY report.py --results "$OUT"
+stage "study done: results in $OUT/report (results.md, *.png, *.csv); stage times in $OUT/stages.tsv"
