@@ -57,9 +57,9 @@ parser.add_argument("--max-steps-factor", type=float, default=0.0,
                     help="also cap each episode at ceil(F x its expert path length in the step data) steps (0 = no such cap)")
 parser.add_argument("--history", type=int, default=4, help="past exchanges kept in the prompt (as in make_data.py)")
 # generation
-parser.add_argument("--backend", default="hf", choices=["hf", "vllm", "generate"],
-                    help="hf (batched branches, CPU or GPU), vllm (GPU, LoRA), or generate (reference: one HF generate "
-                         "call per state and mode on the full prompt, as ReAct/ETO loops do; for checks and benchmarks)")
+parser.add_argument("--backend", default="hf", choices=["hf", "generate"],
+                    help="hf (batched branches, CPU or GPU) or generate (reference: one HF generate call per state and "
+                         "mode on the full prompt, as ReAct/ETO loops do; for checks and benchmarks)")
 parser.add_argument("--max-action-tokens", type=int, default=96, help="greedy tokens for an action line")
 parser.add_argument("--max-thought-tokens", type=int, default=192, help="greedy tokens for reasoning + action in cot mode")
 parser.add_argument("--max-rows", type=int, default=16, help="generation rows per forward pass (hf backend)")
@@ -79,7 +79,7 @@ from tqdm import tqdm  # noqa: E402
 import steps  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-METRICS = ["won", "score", "steps", "invalid_rate", "agreement", "errored"]
+METRICS = ["won", "score", "steps", "invalid_rate", "agreement"]
 
 
 def fail(msg):
@@ -100,7 +100,14 @@ def load_tasks():
         if s not in ("id_test", "ood_test"):
             fail(f"--split: unknown split {s!r}; expected id_test and/or ood_test")
     meta_path = os.path.join(args.data, "meta.json")
-    data_args = json.load(open(meta_path))["args"] if os.path.exists(meta_path) else {}
+    data_args = {}
+    if os.path.exists(meta_path):
+        try:
+            with open(meta_path) as f:
+                data_args = json.load(f)["args"]
+            data_args.get("alfworld_data")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            fail(f"{meta_path}: not readable make_data.py metadata ({type(e).__name__}: {e})")
     rng = random.Random(f"episodes/{args.seed}")
     tasks = []
     for env in want_envs:
@@ -213,7 +220,8 @@ def finish(ep, error=None):
         "won": bool(ep["won"]) if error is None else False, "score": ep["score"] if error is None else 0.0,
         "steps": n, "max_steps": ep["max_steps"], "expert_steps": ep["task"].get("expert_steps"), "invalid_actions": ep["invalid"], "invalid_rate": round(ep["invalid"] / n, 4) if n else None,
         "agreement": round(sum(agree) / len(agree), 4) if agree else None, "error": error,
-        "errored": error is not None, "seconds": round(time.time() - ep["t_start"], 2), "transcript": ep["transcript"]}
+        "errored": error is not None, "tries": ep["tries"], "seconds": round(time.time() - ep["t_start"], 2),
+        "transcript": ep["transcript"]}
 
 
 # ----------------------------------------------------------------------------- policies
@@ -303,39 +311,6 @@ class GeneratePolicy:
         return out
 
 
-class VllmPolicy:
-    """The same two modes through vLLM (GPU): the CoT turn is generated up to its action tag, then the action line."""
-
-    def __init__(self, model_path, adapter):
-        from vllm import LLM, SamplingParams
-        from vllm.lora.request import LoRARequest
-        self.SamplingParams = SamplingParams
-        self.llm = LLM(model=model_path, enable_lora=bool(adapter), seed=args.seed)
-        self.lora = LoRARequest("adapter", 1, adapter) if adapter else None
-        self.tok = self.llm.get_tokenizer()
-
-    def forget(self, key):
-        pass  # vLLM's own prefix caching covers repeated prompt prefixes
-
-    def _gen(self, texts, max_tokens, stop):
-        params = self.SamplingParams(temperature=0, max_tokens=max_tokens, stop=stop, include_stop_str_in_output=True)
-        return [o.outputs[0].text for o in self.llm.generate(texts, params, lora_request=self.lora, use_tqdm=False)]
-
-    def act(self, keys_list, messages_list, wants):
-        thought_tag, action_tag = steps.tags()
-        prompts = [steps.render_prompt(self.tok, m) for m in messages_list]
-        out = [{} for _ in wants]
-        idx = [i for i, w in enumerate(wants) if "prompt" in w]
-        for i, text in zip(idx, self._gen([prompts[i] + action_tag for i in idx], args.max_action_tokens, ["\n"])):
-            out[i]["prompt"] = text
-        idx = [i for i, w in enumerate(wants) if "cot" in w]
-        heads = self._gen([prompts[i] + thought_tag for i in idx], args.max_thought_tokens, ["\n" + action_tag])
-        tails = self._gen([prompts[i] + thought_tag + h for i, h in zip(idx, heads)], args.max_action_tokens, ["\n"])
-        for i, h, t in zip(idx, heads, tails):
-            out[i]["cot"] = h + t if h.endswith(action_tag) else h
-        return out
-
-
 def parse_mode(mode, text):
     """The action a mode's output names ('' when the CoT output has no action tag: sent as is, counted invalid)."""
     if text is None:
@@ -362,6 +337,8 @@ def run_checkpoint(ckpt, episodes, policy, workers, fout):
         ep = slots[s]
         if policy is not None:
             policy.forget(ep["id"])
+        tqdm.write(f"worker {s} restarted ({err}); episode {ep['id']} " +
+                   ("tried again" if ep["tries"] < 2 else "recorded as errored after 2 tries"))
         workers[s].restart()
         if ep["tries"] < 2:
             queue.insert(0, ep)
@@ -455,30 +432,48 @@ def random_action(ep, rng):
 
 
 def checkpoint_list():
-    """[(name, step, adapter folder or None)]; run folders give their last (or, with --all-checkpoints, every) checkpoint."""
+    """[(name, step, adapter folder or None)]; run folders give their last (or, with --all-checkpoints, every)
+    checkpoint in training order (steps.list_checkpoints), each checked (lm.check_checkpoint) before any is used."""
     if args.policy != "model":
         return [(args.policy, 0, None)]
     out = [("base", 0, None)] if args.with_base or not args.adapter else []
     for item in args.adapter:
         if not os.path.isdir(item):
             fail(f"adapter folder not found: {item}")
-        found = sorted(glob.glob(os.path.join(item, "checkpoint-[0-9]*")))
-        for ckpt in (found if args.all_checkpoints else found[-1:]) or [item]:
-            meta_path = os.path.join(ckpt, "meta.json")
-            if not os.path.exists(meta_path):
-                fail(f"{ckpt}: no meta.json, not a train.py checkpoint")
-            with open(meta_path) as f:
-                step = json.load(f)["step"]
-            out.append((f"{os.path.basename(os.path.dirname(os.path.abspath(ckpt)))}/{os.path.basename(ckpt)}", step, ckpt))
+        try:
+            found = steps.list_checkpoints(item)
+        except ValueError as e:
+            fail(str(e))
+        for ckpt in found if args.all_checkpoints else found[-1:]:
+            try:
+                steps.check_checkpoint(ckpt)
+                step = steps.checkpoint_step(ckpt)
+            except ValueError as e:
+                fail(str(e))
+            if step is None:
+                fail(f"{ckpt}: no training step found (train.py's meta.json, trainer_state.json, or a checkpoint-N name)")
+            out.append((f"{os.path.basename(os.path.dirname(os.path.abspath(ckpt)))}/{os.path.basename(os.path.normpath(ckpt))}",
+                        step, ckpt))
     return out
 
 
+def latest(records):
+    """The last record of every episode id: a rerun appends a retried episode after its errored record."""
+    return list({r["id"]: r for r in records}.values())
+
+
 def summarize(records):
-    rows = steps.summarize(records, ["checkpoint", "step", "env", "split", "mode"], METRICS, seed=args.seed)
+    """Rows per checkpoint x env x split x mode over the completed episodes. An errored episode (its worker
+    died twice) is an infrastructure fault, not a loss: it is left out of n and the rates, counted in
+    `errors`, and retried by a rerun."""
+    keys = ["checkpoint", "step", "env", "split", "mode"]
+    records = latest(records)
+    completed = [r for r in records if not r["errored"]]
+    rows = steps.summarize(completed, keys, METRICS, seed=args.seed)
     # Paired CoT-minus-prompt difference, task by task, where both modes ran.
     pairs = {}
-    for r in records:
-        if r["mode"] in ("prompt", "cot") and not r["errored"]:
+    for r in completed:
+        if r["mode"] in ("prompt", "cot"):
             pairs.setdefault((r["checkpoint"], r["step"], r["env"], r["split"], r["task_id"]), {})[r["mode"]] = r
     diffs = []
     for (ck, st, env, split, _), p in pairs.items():
@@ -486,24 +481,40 @@ def summarize(records):
             diffs.append({"checkpoint": ck, "step": st, "env": env, "split": split, "mode": "cot-prompt",
                           "won": float(p["cot"]["won"]) - float(p["prompt"]["won"]),
                           "score": p["cot"]["score"] - p["prompt"]["score"]})
-    rows += steps.summarize(diffs, ["checkpoint", "step", "env", "split", "mode"], ["won", "score"], seed=args.seed)
+    rows += steps.summarize(diffs, keys, ["won", "score"], seed=args.seed)
+    errors = collections.Counter(tuple(r[k] for k in keys) for r in records if r["errored"])
+    have = {tuple(row[k] for k in keys) for row in rows}
+    rows += [dict(zip(keys, key), n=0) for key in errors if key not in have]
+    for row in rows:
+        row["errors"] = errors.get(tuple(row[k] for k in keys), 0)
     rows.sort(key=lambda r: (r["step"], r["checkpoint"], r["env"], r["split"], r["mode"]))
     return rows
 
 
 # ----------------------------------------------------------------------------- main
 
+for name, low in (("num_envs", 1), ("max_rows", 1), ("max_action_tokens", 1), ("max_thought_tokens", 1),
+                  ("max_episodes", 0), ("max_steps", 0), ("history", 0), ("threads", 0)):
+    if getattr(args, name) < low:
+        fail(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(args, name)}")
+if args.max_steps_factor < 0 or not args.step_timeout > 0:
+    fail(f"--max-steps-factor must be >= 0 and --step-timeout > 0, got {args.max_steps_factor}, {args.step_timeout}")
 ckpts = checkpoint_list()
 try:
     tasks = load_tasks()
 except steps.DataError as e:
     fail(str(e))
+if not tasks:
+    fail(f"no test episodes for --env {args.env} --split {args.split} in {args.data}")
 modes = ["prompt", "cot"] if args.mode == "both" else [args.mode]
 if args.policy != "model":
     modes = [args.policy]
 os.makedirs(args.out, exist_ok=True)
 out_path = os.path.join(args.out, "episodes.jsonl")
-done = {r["id"] for r in steps.read_done(out_path)}
+try:
+    done = {r["id"] for r in latest(steps.read_done(out_path)) if not r["errored"]}  # errored episodes run again
+except steps.DataError as e:
+    fail(str(e))
 todos = [[ep for mode in modes for t in tasks for ep in [new_episode(t, mode, ckpt)] if ep["id"] not in done]
          for ckpt in ckpts]
 # The workers start first: they import and build their environments while this process loads torch and the model.
@@ -533,11 +544,8 @@ try:
                 continue
             policy = None
             if args.policy == "model":
-                if args.backend == "vllm":
-                    policy = VllmPolicy(model_path, ckpt[2])
-                else:
-                    cls = GeneratePolicy if args.backend == "generate" else HFPolicy
-                    policy = cls(lm.load_model(model_path, ckpt[2], device, dtype), tok)
+                cls = GeneratePolicy if args.backend == "generate" else HFPolicy
+                policy = cls(lm.load_model(model_path, ckpt[2], device, dtype), tok)
             run_checkpoint(ckpt, todo, policy, workers[:len(todo)], fout)
             del policy
 finally:
@@ -549,6 +557,7 @@ rows = summarize(records)
 steps.write_jsonl_atomic(os.path.join(args.out, "summary.jsonl"), rows)
 steps.write_csv_atomic(os.path.join(args.out, "summary.csv"), rows)
 for r in rows:
-    print(f"{r['checkpoint']:>32} {r['env']:>12} {r['split']:>8} {r['mode']:>10} n={r['n']:3d} won {r['won']:+.3f} "
-          f"[{r['won_lo']:+.3f}, {r['won_hi']:+.3f}] score {r['score']:.3f}")
+    won = f"won {r['won']:+.3f} [{r['won_lo']:+.3f}, {r['won_hi']:+.3f}] score {r['score']:.3f}" if r["n"] else "no completed episode"
+    print(f"{r['checkpoint']:>32} {r['env']:>12} {r['split']:>8} {r['mode']:>10} n={r['n']:3d} {won}"
+          + (f", {r['errors']} errored (rerun to retry)" if r["errors"] else ""))
 print(f"evaluate done: {len(records)} episodes, {time.time() - t0:.1f}s, {os.path.join(args.out, 'summary.csv')}")

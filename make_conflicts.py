@@ -111,8 +111,13 @@ if not 0 < args.keep_frac <= 1:
     fail(f"--keep-frac must be in (0, 1], got {args.keep_frac}")
 data_files, pool_files = expand(args.data), expand(args.pool)
 try:
-    records = [r for path in data_files for r in steps.read_steps(path)]
-    pool = {r["id"]: r for path in sorted(set(pool_files) | set(data_files)) for r in steps.read_steps(path)}
+    records = steps.read_steps_files(data_files)
+    pool = {}
+    for path in sorted(set(pool_files) | set(data_files)):
+        for lineno, r in steps.read_steps(path, with_lines=True):
+            if not isinstance(r.get("task_id"), str):  # borrowing never takes a thought from the step's own episode
+                raise steps.DataError(f"{path}:{lineno}: field 'task_id' missing or not a string (id={r['id']!r})")
+            pool[r["id"]] = r
 except steps.DataError as e:
     fail(str(e))
 if not records:

@@ -505,6 +505,10 @@ def build_env(name, rng, meta):
 
 def import_conversations(path):
     """ETO/AgentGym SFT files: a JSON list (or JSONL) of {"id", "conversations": [{"from", "value"}]}."""
+    if not os.path.isfile(path):
+        raise steps.DataError(f"--import-eto: {path}: " + ("a folder, not a file" if os.path.isdir(path) else "no such file"))
+    if args.import_env not in steps.ENVS:
+        raise steps.DataError(f"--import-env: unknown environment {args.import_env!r}; expected one of {', '.join(steps.ENVS)}")
     with open(path) as f:
         text = f.read()
     try:
@@ -520,7 +524,7 @@ def import_conversations(path):
                 except json.JSONDecodeError as e:
                     raise steps.DataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
                 where.append(f"{path}:{lineno}")
-    records = []
+    records, seen = [], {}
     for item, loc in zip(items, where):
         conv = item.get("conversations") if isinstance(item, dict) else None
         if not isinstance(conv, list) or not conv:
@@ -528,6 +532,13 @@ def import_conversations(path):
         for j, turn in enumerate(conv):
             if not isinstance(turn, dict) or turn.get("from") not in ("human", "gpt") or not isinstance(turn.get("value"), str):
                 raise steps.DataError(f"{loc}: conversations[{j}] needs 'from' (human|gpt) and a string 'value'")
+            if turn["from"] != ("human" if j % 2 == 0 else "gpt"):  # otherwise observations and replies misalign
+                raise steps.DataError(f"{loc}: conversations[{j}] is a {turn['from']} turn; turns must alternate "
+                                      f"human, gpt, human, ... starting with human")
+        episode = str(item.get("id", loc))
+        if episode in seen:
+            raise steps.DataError(f"{loc}: field 'id': duplicate {episode!r} (first at {seen[episode]})")
+        seen[episode] = loc
         # The first human turn carries the instruction and task; a bare 'OK' reply from gpt follows in ETO.
         humans, gpts = [], []
         for turn in conv:
@@ -535,7 +546,6 @@ def import_conversations(path):
         if gpts and steps.parse_response(gpts[0])[1] is None:
             gpts = gpts[1:]
             humans = [humans[0] + "\n\n" + humans[1]] + humans[2:] if len(humans) > 1 else humans
-        episode = str(item.get("id", loc))
         observations, actions = [humans[0]], []
         for t, reply in enumerate(gpts):
             thought, action = steps.parse_response(reply)
@@ -553,6 +563,8 @@ def import_conversations(path):
                 observations.append(humans[t + 1])
             else:
                 break
+    if not records:
+        raise steps.DataError(f"{path}: nothing to import (no gpt turn with 'Thought:' and 'Action:' lines)")
     return records
 
 
@@ -563,6 +575,10 @@ def versions():
 
 def main():
     meta = {"args": vars(args), "versions": versions(), "python": sys.version.split()[0]}
+    for name in ("history", "max_candidates", "alfworld_train_per_type", "alfworld_test_per_type", "alfworld_search",
+                 "sciworld_train_per_task", "sciworld_test_per_task", "sciworld_max_gold", "bfcl_train", "bfcl_test"):
+        if getattr(args, name) < 0:
+            sys.exit(f"error: --{name.replace('_', '-')} must be at least 0, got {getattr(args, name)}")
     if args.import_eto:
         if args.import_split not in steps.SPLITS:
             sys.exit(f"error: --import-split {args.import_split!r} is not one of {', '.join(steps.SPLITS)}")

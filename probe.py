@@ -68,7 +68,7 @@ parser.add_argument("--max-rows", type=int, default=16, help="branches per forwa
 parser.add_argument("--seed", type=int, default=0, help="record sample, attribution sample, bootstrap")
 parser.add_argument("--out", default="results/probe", help="output folder")
 parser.add_argument("--device", default="auto", help="auto (cuda+bf16 if present, else cpu+fp32), cpu, cuda, cuda:1")
-parser.add_argument("--dtype", default="auto", help="auto (bf16 on cuda, fp32 on cpu), float32, bfloat16; score in fp32 for comparisons")
+parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="auto (bf16 on cuda, fp32 on cpu), float32, bfloat16; score in fp32 for comparisons")
 parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
 args = parser.parse_args()
 
@@ -90,20 +90,26 @@ def fail(msg):
 
 
 def checkpoint_list():
-    """[(name, step, adapter folder or None)] in training order; run folders expand to their checkpoints."""
+    """[(name, step, checkpoint folder or None)] in training order (steps.list_checkpoints); every checkpoint
+    is checked (lm.check_checkpoint) before the first model state is probed."""
     out = [] if args.no_base else [("base", 0, None)]
     for item in args.checkpoints:
         if not os.path.isdir(item):
             fail(f"checkpoint folder not found: {item}")
-        found = sorted(glob.glob(os.path.join(item, "checkpoint-[0-9]*")))
-        for ckpt in found or [item]:
-            meta_path = os.path.join(ckpt, "meta.json")
-            if not os.path.exists(meta_path):
-                fail(f"{ckpt}: no meta.json, not a train.py checkpoint")
-            with open(meta_path) as f:
-                meta = json.load(f)
-            name = f"{os.path.basename(os.path.dirname(os.path.abspath(ckpt)))}/{os.path.basename(ckpt)}"
-            out.append((name, meta["step"], ckpt))
+        try:
+            found = steps.list_checkpoints(item)
+        except ValueError as e:
+            fail(str(e))
+        for ckpt in found:
+            try:
+                steps.check_checkpoint(ckpt)
+                step = steps.checkpoint_step(ckpt)
+            except ValueError as e:
+                fail(str(e))
+            if step is None:
+                fail(f"{ckpt}: no training step found (train.py's meta.json, trainer_state.json, or a checkpoint-N name)")
+            name = f"{os.path.basename(os.path.dirname(os.path.abspath(ckpt)))}/{os.path.basename(os.path.normpath(ckpt))}"
+            out.append((name, step, ckpt))
     if not out:
         fail("nothing to probe: give --checkpoints or drop --no-base")
     return out
@@ -112,14 +118,22 @@ def checkpoint_list():
 def load_records():
     if args.conflicts:
         files = [args.conflicts]
-        records = steps.read_jsonl(args.conflicts, required=("id", "step_id", "env", "split", "messages", "a1", "a2", "trace", "method"))
+        numbered = steps.read_jsonl_lines(args.conflicts, required=("id", "step_id", "env", "split", "messages", "a1", "a2",
+                                                                     "trace", "method"))
+        for lineno, rec in numbered:
+            where = f"{args.conflicts}:{lineno}"
+            for field in ("id", "env", "split", "a1", "a2", "trace", "method"):
+                if not isinstance(rec[field], str) or not rec[field].strip():
+                    raise steps.DataError(f"{where}: field '{field}' must be a non-empty string, got {rec[field]!r}")
+            steps.check_messages(rec["messages"], where)
+        steps.check_unique_ids(numbered, args.conflicts)
+        records = [rec for _, rec in numbered]
     else:
         files = sorted({f for pattern in args.data for f in (sorted(glob.glob(pattern)) or [pattern])})
-        records = []
         for path in files:
-            if not os.path.exists(path):
+            if not os.path.isfile(path):
                 fail(f"data file not found: {path}")
-            records += steps.read_steps(path)
+        records = steps.read_steps_files(files)
     if not records:
         fail(f"no records in {', '.join(files)}")
     rng = random.Random(f"attribution/{args.seed}")
@@ -302,6 +316,16 @@ def attribution(model, tok, rec):
 
 # ----------------------------------------------------------------------------- main
 
+for name, low in (("batch_size", 1), ("max_rows", 1), ("max_action_tokens", 1), ("max_thought_tokens", 1),
+                  ("max_records", 0), ("attribution_samples", 0), ("threads", 0)):
+    if getattr(args, name) < low:
+        fail(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(args, name)}")
+try:
+    fracs = [float(x) for x in args.trunc_fracs.split(",")]
+except ValueError:
+    fail(f"--trunc-fracs must be a comma list of numbers in [0, 1], got {args.trunc_fracs!r}")
+if not all(0 <= f <= 1 for f in fracs):
+    fail(f"--trunc-fracs must be a comma list of numbers in [0, 1], got {args.trunc_fracs!r}")
 if args.threads:
     torch.set_num_threads(args.threads)
 device, dtype = lm.pick_device(args.device)
@@ -318,15 +342,18 @@ try:
 except (OSError, ValueError) as e:
     fail(f"cannot load model {args.model!r}: {e}")
 for name, _, ckpt in ckpts:
-    if ckpt:
+    if ckpt and os.path.exists(os.path.join(ckpt, "meta.json")):  # train.py says which base model it trained
         with open(os.path.join(ckpt, "meta.json")) as f:
-            trained_on = json.load(f)["model_path"]
-        if os.path.abspath(trained_on) != os.path.abspath(model_path) and trained_on != args.model:
+            trained_on = json.load(f).get("model_path")
+        if trained_on and os.path.abspath(trained_on) != os.path.abspath(model_path) and trained_on != args.model:
             fail(f"{ckpt} was trained on {trained_on}, not on --model {model_path}")
 
 os.makedirs(args.out, exist_ok=True)
 records_path = os.path.join(args.out, "records.jsonl")
-done_recs = steps.read_done(records_path)
+try:
+    done_recs = steps.read_done(records_path)
+except steps.DataError as e:
+    fail(str(e))
 done = {r["id"] for r in done_recs}
 mode = "conflicts" if args.conflicts else "steps"
 print(f"probe ({mode}) device {device} ({dtype}), model {model_path}, {len(ckpts)} checkpoint(s), "

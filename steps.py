@@ -10,6 +10,7 @@ data/templates/prompts.json; nothing here pastes a prompt inline. Pure functions
 only (plus file I/O helpers), the way nanoGPT shares only model.py.
 """
 import functools
+import glob
 import json
 import os
 import random
@@ -130,15 +131,38 @@ def build_messages(env, task, observations, actions, window, functions=None):
     return messages
 
 
+# A private-use character that stands in for the assistant's reply while a chat template renders a turn.
+RESPONSE_MARK = "\ue000"
+# Templates with a dated system header (Llama-3.x writes "Today Date: ..." from the clock) get a fixed date,
+# or a prompt rendered at training time and one rendered at inference would differ.
+TEMPLATE_KWARGS = {"date_string": "26 Jul 2024"}
+
+
+def render_turn(tokenizer, messages):
+    """(prompt, end): how the model's chat template renders `messages` followed by an assistant turn,
+    split around that turn's content. prompt is what stands before the reply, end what the template
+    writes after it (its end of turn). This one rule is used for training (prompt + response + end) and
+    for inference (the model continues prompt), so both see the same tokens, also where a template is not
+    prefix-preserving: Qwen3's writes an empty <think></think> block before the final assistant message
+    but not at the end of its generation prompt, so the prompt here includes that block."""
+    full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": RESPONSE_MARK}], tokenize=False,
+                                         **TEMPLATE_KWARGS)
+    if full.count(RESPONSE_MARK) != 1:
+        raise ValueError("the chat template does not render an assistant turn's content as given")
+    prompt, end = full.split(RESPONSE_MARK)
+    return prompt, end
+
+
 def render_prompt(tokenizer, messages):
-    """The prompt text in the model's own chat template, ending where the assistant starts."""
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    """The prompt text in the model's own chat template, ending where the assistant's reply starts."""
+    return render_turn(tokenizer, messages)[0]
 
 
 # ----------------------------------------------------------------------------- JSONL
 
-def read_jsonl(path, required=()):
-    """Records of a JSONL file; a malformed line or a missing field raises DataError naming both."""
+def read_jsonl_lines(path, required=()):
+    """[(line number, record)] of a JSONL file (blank lines skipped); a malformed line or a missing field
+    raises DataError naming the file, the line and the field."""
     records = []
     try:
         f = open(path)
@@ -157,8 +181,22 @@ def read_jsonl(path, required=()):
             for field in required:
                 if field not in rec:
                     raise DataError(f"{path}:{lineno}: missing field '{field}'")
-            records.append(rec)
+            records.append((lineno, rec))
     return records
+
+
+def read_jsonl(path, required=()):
+    """Records of a JSONL file (see read_jsonl_lines)."""
+    return [rec for _, rec in read_jsonl_lines(path, required)]
+
+
+def check_unique_ids(numbered, path):
+    """[(line, record)] must not repeat an id: a repeated step would be trained or probed twice."""
+    first = {}
+    for lineno, rec in numbered:
+        if rec.get("id") in first:
+            raise DataError(f"{path}:{lineno}: field 'id': duplicate {rec['id']!r} (first on line {first[rec['id']]})")
+        first[rec.get("id")] = lineno
 
 
 def check_step(rec, where):
@@ -171,19 +209,38 @@ def check_step(rec, where):
             raise DataError(f"{where}: field '{field}' must be a string, got {type(rec[field]).__name__}")
     if rec["split"] not in SPLITS:
         raise DataError(f"{where}: field 'split' is {rec['split']!r}, expected one of {', '.join(SPLITS)}")
-    msgs = rec["messages"]
+    if rec["env"] not in ENVS:
+        raise DataError(f"{where}: field 'env' is {rec['env']!r}, expected one of {', '.join(ENVS)}")
+    check_messages(rec.get("messages"), where)
+
+
+def check_messages(msgs, where):
+    """A prompt: a non-empty list of {role, content} strings that ends with a user turn."""
     if not isinstance(msgs, list) or not msgs or not all(
             isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in msgs):
         raise DataError(f"{where}: field 'messages' must be a non-empty list of {{role, content}} strings")
     if msgs[-1]["role"] != "user":
-        raise DataError(f"{where}: field 'messages' must end with a user turn")
+        raise DataError(f"{where}: field 'messages' must end with a user turn, not {msgs[-1]['role']!r}")
 
 
-def read_steps(path):
-    """Step records of one JSONL file, each checked by check_step."""
-    records = read_jsonl(path)
-    for i, rec in enumerate(records):
-        check_step(rec, f"{path}:record {i + 1} (id={rec.get('id')!r})")
+def read_steps(path, with_lines=False):
+    """Step records of one JSONL file, each checked by check_step, ids unique ([(line, record)] with_lines)."""
+    numbered = read_jsonl_lines(path)
+    for lineno, rec in numbered:
+        check_step(rec, f"{path}:{lineno} (id={rec.get('id')!r})")
+    check_unique_ids(numbered, path)
+    return numbered if with_lines else [rec for _, rec in numbered]
+
+
+def read_steps_files(paths):
+    """Step records of several files, in order; an id repeated across files is an error too."""
+    records, first = [], {}
+    for path in paths:
+        for lineno, rec in read_steps(path, with_lines=True):
+            if rec["id"] in first:
+                raise DataError(f"{path}:{lineno}: field 'id': duplicate {rec['id']!r} (first in {first[rec['id']]})")
+            first[rec["id"]] = f"{path}:{lineno}"
+            records.append(rec)
     return records
 
 
@@ -201,11 +258,21 @@ def sample_per_split(records, n, seed):
     return dict(sorted(groups.items()))
 
 
+def _mkstemp(folder, suffix):
+    """A temp file for an atomic write, with the mode a plain open() would give (mkstemp's is 0600,
+    which would make a shared results folder unreadable to collaborators)."""
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=suffix)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)
+    return fd, tmp
+
+
 def write_jsonl_atomic(path, records):
     """Write all records or nothing: a temp file in the same folder, then rename over the target."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".jsonl")
+    fd, tmp = _mkstemp(folder, ".jsonl")
     try:
         with os.fdopen(fd, "w") as f:
             for rec in records:
@@ -219,7 +286,7 @@ def write_jsonl_atomic(path, records):
 def write_json_atomic(path, obj):
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
+    fd, tmp = _mkstemp(folder, ".json")
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(obj, f, indent=1, sort_keys=True)
@@ -228,6 +295,82 @@ def write_json_atomic(path, obj):
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+# ----------------------------------------------------------------------------- checkpoints, from any trainer
+
+def checkpoint_step(ckpt):
+    """Training step of a checkpoint folder: train.py's meta.json, else the HF Trainer's / TRL's
+    trainer_state.json (global_step), else the N of a checkpoint-N name; None if none of these says."""
+    for name, key in (("meta.json", "step"), ("trainer_state.json", "global_step")):
+        path = os.path.join(ckpt, name)
+        if os.path.exists(path):
+            try:
+                with open(path) as f:
+                    value = json.load(f)[key]
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"{path}: no readable '{key}' ({type(e).__name__}: {e})") from None
+            if not isinstance(value, int):
+                raise ValueError(f"{path}: field '{key}' must be an integer, got {value!r}")
+            return value
+    m = re.fullmatch(r"checkpoint-(\d+)", os.path.basename(os.path.normpath(ckpt)))
+    return int(m.group(1)) if m else None
+
+
+def list_checkpoints(folder):
+    """A run folder -> its checkpoint-N folders in training-step order (never string order: a TRL
+    series checkpoint-500, checkpoint-1000 sorts by number); a checkpoint folder -> [folder]."""
+    found = [p for p in glob.glob(os.path.join(folder, "checkpoint-*")) if os.path.isdir(p)
+             and os.path.basename(p)[len("checkpoint-"):].isdigit()]
+    if not found:
+        return [folder]
+    return sorted(found, key=lambda p: (checkpoint_step(p), int(os.path.basename(p)[len("checkpoint-"):])))
+
+
+def _check_safetensors(path):
+    """A safetensors file is whole: its header parses and its last tensor ends where the file ends."""
+    import struct
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{path}: truncated safetensors file ({size} bytes)")
+        n = struct.unpack("<Q", head)[0]
+        if n > size - 8:
+            raise ValueError(f"{path}: truncated or corrupt safetensors file (header of {n} bytes, file of {size})")
+        try:
+            header = json.loads(f.read(n))
+            end = max([t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"], default=0)
+        except (ValueError, KeyError, TypeError, IndexError):
+            raise ValueError(f"{path}: corrupt safetensors header") from None
+    if 8 + n + end != size:
+        raise ValueError(f"{path}: truncated or corrupt safetensors file (tensors end at byte {8 + n + end}, file has {size})")
+
+
+def check_checkpoint(ckpt):
+    """Raise ValueError (one line) unless ckpt is a loadable PEFT adapter (adapter_config.json + weights) or a
+    whole model folder (config.json + weights): its JSON configs parse and its safetensors files are whole.
+    Cheap (no weights are read), so every checkpoint of a series is checked before the first is used."""
+    if not os.path.isdir(ckpt):
+        raise ValueError(f"checkpoint folder not found: {ckpt}")
+    config = next((c for c in ("adapter_config.json", "config.json") if os.path.exists(os.path.join(ckpt, c))), None)
+    if config is None:
+        raise ValueError(f"{ckpt}: neither adapter_config.json (a PEFT adapter) nor config.json (a model) is there")
+    try:
+        with open(os.path.join(ckpt, config)) as f:
+            json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{os.path.join(ckpt, config)}: not readable JSON ({e})") from None
+    stem = "adapter_model" if config == "adapter_config.json" else "model"
+    weights = sorted(glob.glob(os.path.join(ckpt, f"{stem}*.safetensors")) + glob.glob(os.path.join(ckpt, f"{stem}*.bin"))
+                     + glob.glob(os.path.join(ckpt, "pytorch_model*.bin")))
+    if not weights:
+        raise ValueError(f"{ckpt}: {config} but no {stem}.safetensors (or .bin) weights")
+    for path in weights:
+        if path.endswith(".safetensors"):
+            _check_safetensors(path)
+        elif os.path.getsize(path) == 0:
+            raise ValueError(f"{path}: empty weights file")
 
 
 # ----------------------------------------------------------------------------- resumable outputs and summaries
@@ -242,7 +385,15 @@ def read_done(path):
     if end < len(data):  # the process died mid-write: drop the partial line so appends stay valid JSONL
         with open(path, "r+b") as f:
             f.truncate(end)
-    return [json.loads(line) for line in data[:end].decode().splitlines() if line.strip()]
+    records = []
+    for lineno, line in enumerate(data[:end].decode().splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:  # damage other than a torn last line: never guess, never overwrite
+                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}); "
+                                f"fix or remove that line to resume") from None
+    return records
 
 
 def append_jsonl(f, records):
@@ -292,7 +443,11 @@ def write_csv_atomic(path, rows):
     writer.writerows(rows)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".csv")
-    with os.fdopen(fd, "w") as f:
-        f.write(buf.getvalue())
-    os.replace(tmp, path)
+    fd, tmp = _mkstemp(folder, ".csv")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(buf.getvalue())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise

@@ -88,11 +88,10 @@ def fail(msg):
 def load_examples(tok):
     """Token ids, labels and kinds of every record; which ones are masked comes from their own RNG."""
     files = sorted({f for pattern in args.data for f in (sorted(glob.glob(pattern)) or [pattern])})
-    records = []
     for path in files:
-        if not os.path.exists(path):
+        if not os.path.isfile(path):
             fail(f"data file not found: {path}")
-        records += steps.read_steps(path)
+    records = steps.read_steps_files(files)
     if not records:
         fail(f"no training records in {', '.join(files)}")
     data_rng = random.Random(args.seed)
@@ -176,6 +175,33 @@ def save_checkpoint(model, tok, optimizer, step, epoch, data_hashes):
     return final
 
 
+# The settings that define a run: --resume refuses a checkpoint trained with any other value of these
+# (or other data). Threads, logging, checkpoint cadence, device and micro-batching may change.
+RUN_DEFINING = ("model", "full_finetune", "lora_r", "lora_alpha", "lora_dropout", "target_modules", "mask_action_frac",
+                "no_cot", "max_examples", "max_len", "epochs", "max_steps", "batch_size", "lr", "warmup_frac",
+                "weight_decay", "grad_clip", "seed", "share_prefix")
+
+
+def check_resume(ckpt, data_hashes):
+    """The checkpoint must come from this same run: same defining settings, same data (by content)."""
+    path = os.path.join(ckpt, "meta.json")
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+        saved, saved_data = meta["args"], meta["data"]
+        saved_data.values()
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        fail(f"{path}: not readable train.py metadata ({type(e).__name__}: {e}); cannot check what the run was")
+    for name in RUN_DEFINING:
+        was, now = saved.get(name, parser.get_default(name)), getattr(args, name)
+        if was != now:
+            fail(f"--resume: {ckpt} was trained with --{name.replace('_', '-')} {was!r}, this run asks for {now!r}; "
+                 f"rerun with the same value or use another --out")
+    if sorted(saved_data.values()) != sorted(data_hashes.values()):
+        fail(f"--resume: the training data differ from {ckpt}'s (its files: {', '.join(sorted(saved_data))}; "
+             f"now: {', '.join(sorted(data_hashes))}, compared by sha256); use another --out")
+
+
 def latest_checkpoint():
     found = sorted(glob.glob(os.path.join(out_dir, "checkpoint-[0-9]*")))
     return found[-1] if found else None
@@ -185,6 +211,12 @@ def latest_checkpoint():
 
 if not 0.0 <= args.mask_action_frac <= 1.0:
     fail(f"--mask-action-frac must be in [0, 1], got {args.mask_action_frac}")
+for name, low in (("batch_size", 1), ("log_every", 1), ("max_len", 1), ("micro_batch_tokens", 1), ("lora_r", 1),
+                  ("max_examples", 0), ("max_steps", 0), ("save_every", 0), ("stop_at_step", 0), ("threads", 0)):
+    if getattr(args, name) < low:
+        fail(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(args, name)}")
+if not args.epochs > 0 or not args.lr > 0 or not 0 <= args.warmup_frac <= 1:
+    fail(f"--epochs and --lr must be positive and --warmup-frac in [0, 1], got {args.epochs}, {args.lr}, {args.warmup_frac}")
 if args.threads:
     torch.set_num_threads(args.threads)
 out_dir = args.out.format(k=args.mask_action_frac, seed=args.seed)
@@ -232,14 +264,19 @@ total_steps = args.max_steps or max(1, math.ceil(args.epochs * batches_per_epoch
 step = 0
 if args.resume and latest_checkpoint():
     ckpt = latest_checkpoint()
-    state = torch.load(os.path.join(ckpt, "training_state.pt"), weights_only=False)
-    if args.full_finetune:
-        model.load_state_dict(AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype).state_dict())
-    else:
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
-        set_peft_model_state_dict(model, load_file(os.path.join(ckpt, "adapter_model.safetensors")))
-    optimizer.load_state_dict(state["optimizer"])
+    check_resume(ckpt, data_hashes)
+    try:
+        state = torch.load(os.path.join(ckpt, "training_state.pt"), weights_only=True)
+        if args.full_finetune:
+            model.load_state_dict(AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype).state_dict())
+        else:
+            from peft import set_peft_model_state_dict
+            from safetensors.torch import load_file
+            set_peft_model_state_dict(model, load_file(os.path.join(ckpt, "adapter_model.safetensors")))
+        optimizer.load_state_dict(state["optimizer"])
+    except Exception as e:  # a truncated or corrupt file: torch, safetensors and transformers each raise their own
+        fail(f"{ckpt}: cannot load the checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+             f"remove that folder to resume from the one before")
     if state["cuda_rng"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
     step = state["step"]
@@ -262,8 +299,11 @@ if main_process:
 
 model.train()
 metrics_path = os.path.join(out_dir, "metrics.jsonl")
-if step == 0 and main_process and os.path.exists(metrics_path):
-    os.remove(metrics_path)
+if main_process and os.path.exists(metrics_path):
+    # A fresh run starts a new log; a resumed one keeps the lines up to its checkpoint, which the
+    # steps after it (logged before the kill) would otherwise repeat.
+    kept = [r for r in steps.read_done(metrics_path) if r.get("step", 0) <= step]
+    steps.write_jsonl_atomic(metrics_path, kept)
 acc = {"loss": 0.0, "n": 0, "action": 0.0, "n_action": 0, "thought": 0.0, "n_thought": 0, "tokens": 0, "computed": 0}
 t_log = time.time()
 t_start = time.time()

@@ -9,7 +9,8 @@ from conftest import ROOT, run
 
 TINY = ["--threads", "1", "--max-thought-tokens", "6", "--max-action-tokens", "6", "--max-steps", "3"]
 FIELDS = {"id", "checkpoint", "step", "env", "task_type", "split", "task_id", "mode", "won", "score", "steps",
-          "max_steps", "expert_steps", "invalid_actions", "invalid_rate", "agreement", "error", "errored", "seconds", "transcript"}
+          "max_steps", "expert_steps", "invalid_actions", "invalid_rate", "agreement", "error", "errored", "tries", "seconds",
+          "transcript"}
 
 
 def read(path):
@@ -83,11 +84,40 @@ def test_crashed_or_hung_env_is_restarted_and_retried(all_data, tmp_path):
             "--num-envs", "2", "--step-timeout", "20", "--worker-cmd", worker, "--out", str(out))
         recs = read(out / "episodes.jsonl")
         assert len(recs) == 2 and all(r["won"] and r["error"] is None for r in recs)
+        assert sorted(r["tries"] for r in recs) == [1, 2]  # the restart is on the record
     worker = f"{sys.executable} {os.path.join(ROOT, 'tests', 'fake_worker.py')} crash-always {tmp_path / 'always.marker'}"
-    run("evaluate.py", "--policy", "expert", "--data", str(all_data), "--env", "alfworld", "--split", "ood_test",
-        "--worker-cmd", worker, "--out", str(tmp_path / "always"))
+    argv = ["evaluate.py", "--policy", "expert", "--data", str(all_data), "--env", "alfworld", "--split", "ood_test",
+            "--out", str(tmp_path / "always")]
+    proc = run(*argv, "--worker-cmd", worker)
+    assert proc.stderr.count("worker 0 restarted") + proc.stderr.count("worker 1 restarted") >= 2
     recs = read(tmp_path / "always" / "episodes.jsonl")
     assert len(recs) == 2 and all(r["errored"] and "worker exited with code 3" in r["error"] for r in recs)
+    # An infrastructure fault is not a loss: no success rate over errored episodes, they are counted apart.
+    summary = read(tmp_path / "always" / "summary.jsonl")
+    assert all(row["n"] == 0 and row["errors"] == 2 and row.get("won") is None for row in summary)
+    # A rerun with working environments retries them; the summary then counts them as completed.
+    run(*argv)
+    recs = read(tmp_path / "always" / "episodes.jsonl")
+    assert len(recs) == 4 and [r["errored"] for r in recs] == [True, True, False, False]
+    summary = read(tmp_path / "always" / "summary.jsonl")
+    assert all(row["n"] == 2 and row["errors"] == 0 and row["won"] == 1.0 for row in summary)
+    assert "2 episodes already in" in run(*argv).stdout  # nothing left to do, nothing run twice
+    assert len(read(tmp_path / "always" / "episodes.jsonl")) == 4
+
+
+def test_checkpoints_are_checked_before_any_is_used(tiny_model, small_data, tmp_path):
+    """A truncated adapter anywhere in a series stops probe.py and evaluate.py before the first model state."""
+    run("train.py", "--model", tiny_model, "--data", f"{small_data[0]}/alfworld_train.jsonl", "--max-steps", "2",
+        "--save-every", "1", "--batch-size", "2", "--threads", "1", "--out", str(tmp_path / "run"))
+    weights = tmp_path / "run" / "checkpoint-000002" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    for argv in (["probe.py", "--checkpoints", str(tmp_path / "run"), "--data", f"{small_data[0]}/alfworld_id_test.jsonl"],
+                 ["evaluate.py", "--adapter", str(tmp_path / "run"), "--all-checkpoints", "--data", str(small_data[0]),
+                  "--env", "alfworld"]):
+        proc = run(*argv, "--model", tiny_model, "--out", str(tmp_path / "out"), check=False)
+        assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert f"{weights}: truncated or corrupt safetensors file" in proc.stderr
+        assert not (tmp_path / "out").exists()
 
 
 def test_bad_inputs_fail_clearly(tiny_model, tmp_path):

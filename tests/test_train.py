@@ -73,7 +73,67 @@ def test_resume_after_stop_matches_an_uninterrupted_run(tiny_model, small_data, 
     assert sorted(os.listdir(tmp_path / "a")) == ["checkpoint-000002", "checkpoint-000004", "checkpoint-000006", "metrics.jsonl"]
     rows = [json.loads(line) for line in open(tmp_path / "a" / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
-    assert {"loss", "action_loss", "thought_loss", "tokens_per_s", "lr"} <= set(rows[0])
+    assert {"loss", "action_loss", "thought_loss", "tokens_per_s", "computed_frac", "lr"} <= set(rows[0])
+
+
+def test_resumed_log_has_every_step_once(tiny_model, small_data, tmp_path):
+    """Killed after logging step 3 with the last checkpoint at step 2: the rerun logs 3 again, once."""
+    import shutil
+    common = ("--max-steps", "4", "--save-every", "2")
+    train(tiny_model, small_data[0], tmp_path / "run", *common, "--stop-at-step", "3")
+    shutil.rmtree(tmp_path / "run" / "checkpoint-000003")
+    proc = train(tiny_model, small_data[0], tmp_path / "run", *common, "--resume")
+    assert "checkpoint-000002" in proc.stdout
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+
+
+def test_resume_refuses_another_setup(tiny_model, small_data, tmp_path):
+    """--resume continues a run only with the settings and data that define it; others may change."""
+    common = ("--max-steps", "4", "--save-every", "2", "--mask-action-frac", "0.3", "--seed", "1")
+    train(tiny_model, small_data[0], tmp_path / "run", *common, "--stop-at-step", "2")
+    before = sorted(os.listdir(tmp_path / "run" / "checkpoint-000002"))
+    other = tmp_path / "other"
+    other.mkdir()
+    lines = open(os.path.join(small_data[0], "alfworld_train.jsonl")).readlines()
+    (other / "alfworld_train.jsonl").write_text("".join(lines[:-1]))
+    for extra, message in ((("--mask-action-frac", "0.5"), "--mask-action-frac 0.3"),
+                           (("--lr", "1e-3"), "--lr 0.0002"), (("--seed", "2"), "--seed 1"),
+                           (("--share-prefix",), "--share-prefix False"),
+                           (("--data", str(other / "*_train.jsonl")), "training data differ")):
+        proc = train(tiny_model, small_data[0], tmp_path / "run", *common, *extra, "--resume", check=False)
+        assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr, (extra, proc.stderr[-800:])
+        assert not (tmp_path / "run" / "checkpoint-000004").exists()
+    # Threads and logging do not change the result: the run goes on.
+    proc = train(tiny_model, small_data[0], tmp_path / "run", *common, "--threads", "2", "--log-every", "3", "--resume")
+    assert "resumed from" in proc.stdout and (tmp_path / "run" / "checkpoint-000004").exists()
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoint-000002")) == before
+
+
+def test_resume_from_a_corrupt_checkpoint_fails_cleanly(tiny_model, small_data, tmp_path):
+    common = ("--max-steps", "4", "--save-every", "2")
+    train(tiny_model, small_data[0], tmp_path / "run", *common, "--stop-at-step", "2")
+    ckpt = tmp_path / "run" / "checkpoint-000002"
+    for name in ("training_state.pt", "adapter_model.safetensors"):
+        good = (ckpt / name).read_bytes()
+        (ckpt / name).write_bytes(good[:len(good) // 2])
+        proc = train(tiny_model, small_data[0], tmp_path / "run", *common, "--resume", check=False)
+        assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert f"{ckpt}: cannot load the checkpoint" in proc.stderr, proc.stderr[-500:]
+        (ckpt / name).write_bytes(good)
+
+
+def test_outputs_are_readable_by_others(tmp_path):
+    """Atomic writes go through mkstemp (mode 0600); the files they leave get the usual umask mode."""
+    umask = os.umask(0o022)
+    try:
+        steps.write_jsonl_atomic(tmp_path / "a.jsonl", [{"id": 1}])
+        steps.write_json_atomic(tmp_path / "a.json", {"x": 1})
+        steps.write_csv_atomic(tmp_path / "a.csv", [{"x": 1}])
+    finally:
+        os.umask(umask)
+    for name in ("a.jsonl", "a.json", "a.csv"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name
 
 
 def test_checkpoint_is_a_standard_peft_adapter(tiny_model, small_data, tmp_path):
@@ -101,7 +161,7 @@ def test_bad_input_fails_cleanly(tiny_model, small_data, tmp_path):
     bad.write_text(json.dumps(rec) + "\n")
     cases = [
         (["--data", str(empty)], "no training records"),
-        (["--data", str(bad)], "x_train.jsonl:record 1"),
+        (["--data", str(bad)], "x_train.jsonl:1"),
         (["--data", str(tmp_path / "nothing.jsonl")], "data file not found"),
         (["--max-len", "50"], "more than --max-len 50"),
         (["--model", str(tmp_path / "no_such_model")], "cannot load model"),
