@@ -81,7 +81,7 @@ def encode_step(tok, rec, mask_action=False, no_cot=False):
     included. With mask_action, the tokens that overlap the action's characters get -100 too; the
     thought, the action tag and the end of turn stay supervised.
     """
-    prompt = steps.render_prompt(tok, rec["messages"])
+    prompt, end = steps.render_turn(tok, rec["messages"])
     if no_cot:
         response = steps.action_only_response(rec["action"])
         tag_len = len(steps.tags()[1])
@@ -89,10 +89,12 @@ def encode_step(tok, rec, mask_action=False, no_cot=False):
     else:
         response = steps.format_response(rec["thought"], rec["action"])
         spans = steps.response_spans(rec["thought"], rec["action"])
-    full = tok.apply_chat_template(rec["messages"] + [{"role": "assistant", "content": response}], tokenize=False)
+    full = prompt + response + end
+    rendered = tok.apply_chat_template(rec["messages"] + [{"role": "assistant", "content": response}], tokenize=False,
+                                       **steps.TEMPLATE_KWARGS)
+    if rendered != full:  # e.g. a template that rewrites the reply's text
+        raise ValueError(f"record {rec['id']}: the chat template does not render the response as given after the prompt")
     p = len(prompt)
-    if not full.startswith(prompt) or full[p:p + len(response)] != response:
-        raise ValueError(f"record {rec['id']}: the chat template does not render the response after the prompt")
     enc = tok(full, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
     kinds, labels = [], []
@@ -112,7 +114,7 @@ def encode_step(tok, rec, mask_action=False, no_cot=False):
         supervised = kind != PROMPT and not (mask_action and kind == ACTION)
         labels.append(tid if supervised else -100)
     # Nothing after the end-of-turn token is learned (a template's trailing newline).
-    eot = tok.convert_tokens_to_ids(tok.eos_token)
+    eot = end_of_turn_id(tok)
     last_eot = max((i for i, (t, k) in enumerate(zip(ids, kinds)) if k == END and t == eot), default=len(ids) - 1)
     for i in range(last_eot + 1, len(ids)):
         labels[i] = -100
@@ -267,9 +269,20 @@ def load_model(path, adapter, device, dtype):
     return model.to(device).eval()
 
 
+def end_of_turn_id(tok):
+    """The token the chat template ends an assistant turn with: the first special token it writes after
+    the reply (<|im_end|> for ChatML and Qwen, <|eot_id|> for Llama-3.x, </s> for Mistral), which is not
+    always the tokenizer's eos_token; the eos_token where the template writes none."""
+    _, end = steps.render_turn(tok, [{"role": "user", "content": "hi"}])
+    special = set(tok.all_special_ids)
+    ids = tok(end, add_special_tokens=False)["input_ids"]
+    return next((i for i in ids if i in special), tok.convert_tokens_to_ids(tok.eos_token))
+
+
 def stop_ids(tok, model):
-    """Token ids that end an assistant turn: the tokenizer's eos and the model's generation eos."""
-    ids = {tok.convert_tokens_to_ids(tok.eos_token)}
+    """Token ids that end an assistant turn: the template's end of turn, the tokenizer's eos and the
+    model's generation eos."""
+    ids = {end_of_turn_id(tok), tok.convert_tokens_to_ids(tok.eos_token)}
     eos = getattr(model.generation_config, "eos_token_id", None)
     ids |= set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
     return ids

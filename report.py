@@ -2,11 +2,13 @@
 
 Reads every <results>/probe/*/records.jsonl, <results>/conflicts/*/records.jsonl and
 <results>/eval/*/episodes.jsonl; each checkpoint is tied to its training run (k = --mask-action-frac,
-seed) through the meta.json that train.py wrote beside it. Records of all environments are pooled
+seed) through the meta.json that train.py wrote beside it (or a run.json, or the folder name: see
+run_info). Records of all environments are pooled
 per split (id_test / ood_test); every number is a mean with a bootstrap 95% interval.
 
 Writes to <results>/report/: one PNG per figure and the CSV behind it, and results.md (the tables).
   agreement.png      prompt-action and CoT-action accuracy vs training step, ID and OOD
+  loglik.png         reference-action log-likelihood after the tag alone / the reference thought / the own thought
   revisions.png      consistency and helpful / harmful revisions vs training step
   truncation.png     CoT action accuracy and reference log-likelihood vs kept share of the reasoning
   conflicts.png      following the conflicting trace (a2) vs anchoring on the prompt (a1) vs step
@@ -47,26 +49,48 @@ def fail(msg):
 
 
 def run_info(folder):
-    """{checkpoint name: (run, k, seed)} from a probe/eval output's meta.json and the checkpoints' own meta."""
+    """{checkpoint name: (run, k, seed)} from a probe/eval output's meta.json. k and seed come from train.py's
+    meta.json beside the checkpoint, else a run.json the user wrote in the run folder ({"k": 0.3, "seed": 1}),
+    else a k{k}_seed{seed} folder name; k is a number, "no-CoT", or None (unknown: checkpoints of another
+    trainer), and such runs are grouped and labelled by their folder name."""
     meta_path = os.path.join(folder, "meta.json")
     if not os.path.exists(meta_path):
         fail(f"{meta_path} missing: not a probe.py / evaluate.py output folder")
-    with open(meta_path) as f:
-        meta = json.load(f)
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+        listed = [(name, path) for name, _, path in meta["checkpoints"]]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        fail(f"{meta_path}: not readable probe.py / evaluate.py metadata ({type(e).__name__}: {e})")
     info = {}
-    for name, _, path in meta["checkpoints"]:
+    for name, path in listed:
         if path is None:  # the base model, or evaluate.py's expert / random policy
             info[name] = (name if name in ("expert", "random") else "base", None, None)
             continue
+        k = seed = None
         ckpt_meta = os.path.join(path, "meta.json")
+        run_json = next((p for p in (os.path.join(os.path.dirname(os.path.normpath(path)), "run.json"),
+                                     os.path.join(path, "run.json")) if os.path.exists(p)), None)
         if os.path.exists(ckpt_meta):
-            with open(ckpt_meta) as f:
-                a = json.load(f)["args"]
-            k, seed = (None if a.get("no_cot") else a["mask_action_frac"]), a["seed"]
-        else:  # the run folder moved: fall back on train.py's default naming k{k}_seed{seed}
+            try:
+                with open(ckpt_meta) as f:
+                    a = json.load(f)["args"]
+                k, seed = ("no-CoT" if a.get("no_cot") else a["mask_action_frac"]), a["seed"]
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                fail(f"{ckpt_meta}: not readable train.py metadata ({type(e).__name__}: {e})")
+        elif run_json:
+            try:
+                with open(run_json) as f:
+                    given = json.load(f)
+                k, seed = given.get("k"), given.get("seed")
+            except (OSError, ValueError, AttributeError) as e:
+                fail(f"{run_json}: not a JSON object like {{\"k\": 0.3, \"seed\": 1}} ({type(e).__name__}: {e})")
+            if not (k is None or isinstance(k, (int, float))) or not (seed is None or isinstance(seed, int)):
+                fail(f"{run_json}: field 'k' must be a number and 'seed' an integer, got {k!r}, {seed!r}")
+        else:  # the run folder moved, or another trainer's: train.py's default naming k{k}_seed{seed} if it fits
             m = re.match(r"k([\d.]+)_seed(\d+)", name)
             k, seed = (float(m.group(1)), int(m.group(2))) if m else (None, None)
-        info[name] = (name.split("/")[0], k, seed)
+        info[name] = (name.split("/")[0], float(k) if isinstance(k, int) else k, seed)
     return info
 
 
@@ -78,8 +102,12 @@ def load(kind, filename):
         if not os.path.exists(path):
             continue
         info = run_info(folder)
-        for r in steps.read_jsonl(path):
-            if r["checkpoint"] not in info:
+        try:
+            latest = {r["id"]: r for r in steps.read_jsonl(path, required=("id", "checkpoint"))}  # a retried episode's last record
+        except steps.DataError as e:
+            fail(str(e))
+        for r in latest.values():
+            if r["checkpoint"] not in info or r.get("errored"):  # errored episodes are faults, not losses
                 continue
             run, k, seed = info[r["checkpoint"]]
             recs.append(dict(r, run=run, k=k, seed=seed))
@@ -178,10 +206,16 @@ md = [f"# Results: {args.results}", "",
 probe = per_run(load("probe", "records.jsonl"))
 if probe:
     rows = table(probe, ["run", "step", "split"], ["prompt_correct", "cot_correct", "consistent", "helpful", "harmful",
-                                                   "rank1_prompt", "rank1_thought", "ll_prompt_mean", "ll_thought_mean"])
+                                                   "rank1_prompt", "rank1_thought", "ll_prompt_mean", "ll_thought_mean",
+                                                   "ll_own_mean"])
     fig = by_split_figure(rows, [("prompt_correct", "prompt action"), ("cot_correct", "CoT action")], "accuracy vs reference action")
     fig.suptitle("Where the gains land: prompt action vs CoT action", y=1.02)
     save(fig, "agreement", rows)
+    fig = by_split_figure(rows, [("ll_prompt_mean", "after the action tag alone"), ("ll_thought_mean", "after the reference thought"),
+                                 ("ll_own_mean", "after the model's own thought")],
+                          "reference action log-likelihood (nats/token)", ylim=None)
+    fig.suptitle("Log-likelihood of the reference action: prompt mode vs CoT mode", y=1.02)
+    save(fig, "loglik", rows)
     fig = by_split_figure(rows, [("consistent", "consistent (prompt = CoT)"), ("helpful", "helpful revision"),
                                  ("harmful", "harmful revision")], "share of steps")
     fig.suptitle("Consistency and revisions of the CoT action", y=1.02)
@@ -245,8 +279,8 @@ if conf:
 episodes = load("eval", "episodes.jsonl")
 if episodes:
     for r in episodes:
-        r["k_label"] = (r["run"] if r["run"] in ("base", "expert", "random")
-                        else "no-CoT" if r["k"] is None else f"k={r['k']}")
+        r["k_label"] = (r["run"] if r["run"] in ("base", "expert", "random") or r["k"] is None
+                        else "no-CoT" if r["k"] == "no-CoT" else f"k={r['k']}")
     last = {}
     for r in episodes:
         last[r["run"]] = max(last.get(r["run"], -1), r["step"])
@@ -266,7 +300,7 @@ if episodes:
     md += ["## Online rollouts (last checkpoint of each run)", "", md_table(rows, [
         ("model", "k_label"), ("split", "split"), ("mode", "mode"), ("n", "n"), ("success", "won"), ("score", "score"),
         ("prompt-CoT agreement", "agreement"), ("invalid actions", "invalid_rate")]), ""]
-    trained = [r for r in final if r["k"] is not None and r["split"] == "ood_test"]
+    trained = [r for r in final if isinstance(r["k"], float) and r["split"] == "ood_test"]
     if trained:
         krows = table(trained, ["mode", "k"], ["won", "score"])
         fig, ax = plt.subplots(figsize=(5.5, 3.8))

@@ -36,7 +36,7 @@ def pipeline(model, data, out, train_extra=(), sample=("--max-records", "1"), th
 
 def check_report(out):
     report = out / "report"
-    for name in ("agreement", "revisions", "truncation", "conflicts", "attribution", "online", "ood_vs_k"):
+    for name in ("agreement", "loglik", "revisions", "truncation", "conflicts", "attribution", "online", "ood_vs_k"):
         assert (report / f"{name}.png").stat().st_size > 10_000, name
         assert (report / f"{name}.csv").read_text().count("\n") >= 2, name
     md = (report / "results.md").read_text()
