@@ -3,7 +3,7 @@
 # Resumable: a finished stage leaves a marker (train) or its records (probe/evaluate skip ids already
 # written), so rerunning the same command continues where it stopped. Override any knob by environment:
 #   KS="0 0.3" SEEDS="0" DATA=data/generated OUT=results/sweep bash sweep.sh
-#   TRAIN_ARGS="--model Qwen/Qwen2.5-0.5B-Instruct --epochs 3" EVAL_ARGS="--backend vllm" bash sweep.sh  (GPU)
+#   TRAIN_ARGS="--model Qwen/Qwen2.5-0.5B-Instruct --epochs 3" EVAL_ARGS="--num-envs 32" bash sweep.sh  (GPU)
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PY:-.venv/bin/python}
