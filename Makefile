@@ -6,10 +6,11 @@
 #   make study   the study at the scale that fits ~2 hours on 2 CPU cores (study.sh; resumes after a kill)
 #   make test-slow   end-to-end tests on the real embedded model (minutes)
 #   make bench-deps  TRL, only for bench/train_speed.py
+#   make gpu-check   the CUDA path end to end on a random-weight Qwen3-style model (bench/gpu_check.py)
 PY := .venv/bin/python
 SEED ?= 0
 
-.PHONY: setup data test test-slow demo study sweep bench-deps clean
+.PHONY: setup data test test-slow demo study sweep bench-deps gpu-check clean
 
 setup: .venv/.done
 
@@ -37,6 +38,9 @@ study: setup
 
 sweep: setup
 	bash sweep.sh
+
+gpu-check:
+	$(PY) bench/gpu_check.py
 
 bench-deps: setup
 	$(PY) -m pip install --quiet -r bench/requirements-trl.txt

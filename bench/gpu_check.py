@@ -1,0 +1,231 @@
+"""bench/gpu_check.py: the CUDA path end to end in minutes, with nothing to download (make gpu-check).
+
+A Qwen3-style model (q/k norms, grouped-query attention) is built from a config with random weights, with
+the embedded SmolLM2 tokenizer; then, on --device:
+  1. train.py for --steps steps (bf16 on CUDA), and again under torchrun --nproc_per_node 1 (nccl on CUDA);
+  2. probe.py on a few records of the trained run;
+  3. evaluate.py --backend hf on a few episodes, the environment replayed from the step data (a worker that
+     answers the expert's action with the recorded next observation and anything else with "Nothing
+     happens."), since a GPU machine may lack the environments' packages;
+  4. with CUDA: greedy texts and log-likelihoods of a tiny random model on CUDA fp32 against the CPU;
+  5. prints training tokens/s and MFU (6 x parameters x tokens/s over the GPU's dense bf16 peak, or the
+     measured matmul peak on CPU), and greedy decode tokens/s at batch 1, 8 and 32.
+Exits non-zero if any stage fails or CUDA disagrees with the CPU. Needs only the repository, torch,
+transformers and peft. A machine without the embedded model gets the tokenizer folder and a step file
+carried along (a few MB; make them here with make_data.py and
+`python -c "import lm; lm.load_tokenizer(lm.resolve_model('smollm2-135m')).save_pretrained('cache/tokenizer')"`):
+
+    python bench/gpu_check.py --tokenizer cache/tokenizer       # on a GPU machine: Qwen3-style ~0.6B
+    python bench/gpu_check.py --device cpu --size tiny --steps 2  # the CPU smoke test (tests/test_gpu_check.py)
+"""
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+parser.add_argument("--device", default="auto", help="auto (cuda if present), cuda, cpu")
+parser.add_argument("--size", default="0.5b", choices=["tiny", "0.5b"], help="tiny: 2 layers, hidden 64; 0.5b: Qwen3-0.6B-like")
+parser.add_argument("--tokenizer", default="", help="tokenizer folder (default: the embedded SmolLM2's, converted on first use)")
+parser.add_argument("--data", default="data/study/alfworld_train.jsonl", help="step JSONL to train on, probe and replay")
+parser.add_argument("--steps", type=int, default=20, help="training steps per train.py run")
+parser.add_argument("--batch-size", type=int, default=16, help="training batch size")
+parser.add_argument("--records", type=int, default=4, help="probe records and replayed episodes")
+parser.add_argument("--out", default="", help="work folder (default: a temp folder)")
+parser.add_argument("--replay-worker", default="", help=argparse.SUPPRESS)
+args = parser.parse_args()
+
+
+def replay_worker(path):
+    """envs.py --serve's protocol over recorded episodes: the expert's action gets the recorded next
+    observation, any other action "Nothing happens."; the episode is won when the expert path ends."""
+    import steps
+    episodes = {}
+    for rec in sorted(steps.read_steps(path), key=lambda r: (r["task_id"], r["step"])):
+        episodes.setdefault(rec["task_id"], []).append(rec)
+    proto = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    recs, t = None, 0
+    for line in sys.stdin:
+        msg = json.loads(line)
+        if msg["cmd"] == "close":
+            break
+        if msg["cmd"] == "reset":
+            recs, t = episodes[msg["task"]["id"]], 0
+            reply = {"obs": recs[0]["messages"][1]["content"], "info": {"task": recs[0]["task"], "max_steps": 50},
+                     "plan": [r["action"] for r in recs], "valid": recs[0]["candidates"] if msg.get("valid") else None}
+        else:
+            right = msg["action"] == recs[t]["action"]
+            t += right
+            done = t == len(recs)
+            obs = "You won." if done else recs[t]["messages"][-1]["content"] if right else "Nothing happens."
+            reply = {"obs": obs, "reward": float(done), "done": done, "info": {"won": done, "score": float(done)},
+                     "invalid": not right, "valid": None if done else recs[t]["candidates"] if msg.get("valid") else None}
+        proto.write(json.dumps(dict(reply, ok=True)) + "\n")
+        proto.flush()
+
+
+if args.replay_worker:
+    replay_worker(args.replay_worker)
+    sys.exit(0)
+
+import torch  # noqa: E402
+
+import lm  # noqa: E402
+import steps  # noqa: E402
+
+device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+work = args.out or tempfile.mkdtemp(prefix="gpu_check_")
+os.makedirs(work, exist_ok=True)
+failures = []
+
+
+def sh(name, argv, env=None):
+    """Run a stage; its seconds and stdout, or a failure noted (and the check goes on)."""
+    t0 = time.time()
+    proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    seconds = time.time() - t0
+    if proc.returncode:
+        failures.append(name)
+        print(f"FAIL {name} ({seconds:.0f}s):\n{proc.stderr[-3000:]}")
+    else:
+        print(f"ok   {name} ({seconds:.0f}s)")
+    return seconds, proc.stdout
+
+
+def build_model(folder, size, tok):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+    shape = (dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  head_dim=16) if size == "tiny" else
+             dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+                  num_key_value_heads=8, head_dim=128))  # Qwen3-0.6B's shape, with SmolLM2's vocabulary
+    config = Qwen3Config(vocab_size=len(tok), max_position_embeddings=4096, tie_word_embeddings=True,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **shape)
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(config)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return sum(p.numel() for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------- the model and the data
+
+if not os.path.isfile(args.data):
+    sys.exit(f"error: --data {args.data}: no such step file (make one with make_data.py, or carry one, and pass --data)")
+try:
+    tok = lm.load_tokenizer(args.tokenizer or lm.resolve_model(lm.EMBEDDED))
+except (OSError, ValueError) as e:
+    sys.exit(f"error: no tokenizer ({e}); pass --tokenizer FOLDER")
+model_dir = os.path.join(work, f"qwen3_style_{args.size}")
+n_params = build_model(model_dir, args.size, tok)
+print(f"device {device} ({torch.cuda.get_device_name() if device.startswith('cuda') else 'cpu'}), "
+      f"Qwen3-style model {n_params / 1e6:.1f}M parameters (random weights) in {model_dir}")
+records = steps.read_steps(args.data)
+keep = sorted({r["task_id"] for r in records})[:max(args.records, args.steps * args.batch_size // 6 + 1)]
+data = os.path.join(work, "steps_train.jsonl")
+steps.write_jsonl_atomic(data, [r for r in records if r["task_id"] in keep])
+few = sorted({r["task_id"] for r in records})[:args.records]
+test = os.path.join(work, "replay")  # evaluate.py reads <data>/alfworld_id_test.jsonl and the games' folder layout
+steps.write_jsonl_atomic(os.path.join(test, "alfworld_id_test.jsonl"),
+                         [dict(r, split="id_test") for r in records if r["task_id"] in few])
+for tid in few:  # the game files are never opened by the replay worker; evaluate.py only lists them
+    game = os.path.join(test, "alfworld_games", *tid.split("/")[1:], "game.tw-pddl")
+    os.makedirs(os.path.dirname(game), exist_ok=True)
+    open(game, "w").close()
+
+# ----------------------------------------------------------------------------- 1-3: the scripts on the device
+
+common = ["--model", model_dir, "--data", data, "--max-steps", str(args.steps), "--batch-size", str(args.batch_size),
+          "--device", device, "--log-every", str(args.steps), "--share-prefix"]
+seconds, out = sh("train.py", [sys.executable, "train.py", *common, "--out", os.path.join(work, "run")])
+m = re.search(r"([\d.]+) tok/s .*peak RSS ([\d.]+) GB", out)
+train_tok_s = float(m.group(1)) if m else None
+sh("torchrun --nproc_per_node 1 train.py", [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "train.py",
+                                            *common, "--out", os.path.join(work, "run_torchrun")], env={"OMP_NUM_THREADS": "4"})
+sh("probe.py", [sys.executable, "probe.py", "--model", model_dir, "--checkpoints", os.path.join(work, "run"), "--data",
+                os.path.join(test, "alfworld_id_test.jsonl"), "--max-records", str(args.records), "--device", device,
+                "--dtype", "float32", "--out", os.path.join(work, "probe")])
+sh("evaluate.py --backend hf", [sys.executable, "evaluate.py", "--model", model_dir, "--adapter", os.path.join(work, "run"),
+                                "--data", test, "--env", "alfworld", "--split", "id_test", "--max-steps", "4",
+                                "--max-thought-tokens", "32", "--num-envs", str(args.records), "--device", device,
+                                "--worker-cmd", f"{sys.executable} {os.path.abspath(__file__)} --replay-worker {data}",
+                                "--out", os.path.join(work, "eval")])
+
+# ----------------------------------------------------------------------------- 4: CUDA fp32 against the CPU
+
+
+def greedy_and_ll(model, prompts, targets):
+    state = lm.encode_prompts(model, prompts, tok.pad_token_id)
+    tag = tok(" Action:", add_special_tokens=False)["input_ids"]
+    branches = ([{"row": i, "prefix": tag, "max_new": 12, "stop": "never"} for i in range(len(prompts))]
+                + [{"row": i, "prefix": tag, "target": t} for i, t in enumerate(targets)])
+    out = lm.run_branches(model, tok, state, branches)
+    return [o["text"] for o in out[:len(prompts)]], [sum(o["logprobs"]) for o in out[len(prompts):]]
+
+
+recs = [r for r in records if r["task_id"] in few][:args.records]
+prompts = [tok(steps.render_prompt(tok, r["messages"]), add_special_tokens=False)["input_ids"] for r in recs]
+targets = [tok(" " + r["action"], add_special_tokens=False)["input_ids"] for r in recs]
+if device.startswith("cuda"):
+    from transformers import AutoModelForCausalLM
+    tiny_dir = os.path.join(work, "qwen3_style_tiny")
+    build_model(tiny_dir, "tiny", tok)
+    results = {}
+    for d in ("cpu", device):
+        model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).to(d).eval()
+        results[d] = greedy_and_ll(model, prompts, targets)
+    same_text = results["cpu"][0] == results[device][0]
+    d_ll = max(abs(a - b) for a, b in zip(results["cpu"][1], results[device][1]))
+    print(f"{'ok  ' if same_text and d_ll < 1e-3 else 'FAIL'} CUDA fp32 vs CPU: greedy texts {'equal' if same_text else 'DIFFER'}, "
+          f"max |dLL| {d_ll:.2e} nats over {len(prompts)} records")
+    if not (same_text and d_ll < 1e-3):
+        failures.append("cuda vs cpu")
+
+# ----------------------------------------------------------------------------- 5: speed
+
+if device.startswith("cuda"):
+    name = torch.cuda.get_device_name()
+    peak = next((v for k, v in (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L40S", 362e12), ("A10", 125e12))
+                 if k in name), None)
+    peak_name = f"{name} dense bf16 peak {peak / 1e12:.0f} TFLOP/s" if peak else None
+    dtype = torch.bfloat16
+else:
+    a = torch.randn(2048, 2048)
+    t0, reps = time.time(), 10
+    for _ in range(reps):
+        a @ a
+    peak, peak_name, dtype = 2 * 2048 ** 3 * reps / (time.time() - t0), "measured fp32 matmul peak", torch.float32
+if peak is None:  # an unlisted GPU: measure its bf16 matmul instead
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    torch.cuda.synchronize()
+    t0, reps = time.time(), 20
+    for _ in range(reps):
+        a @ a
+    torch.cuda.synchronize()
+    peak, peak_name = 2 * 8192 ** 3 * reps / (time.time() - t0), "measured bf16 matmul peak"
+if train_tok_s:
+    print(f"train.py: {train_tok_s:.0f} tok/s, MFU {6 * n_params * train_tok_s / peak:.3f} ({peak_name}; 6 x parameters x tokens, "
+          f"LoRA r=16, batch {args.batch_size}, --share-prefix counts the examples' tokens)")
+from transformers import AutoModelForCausalLM  # noqa: E402
+model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+for batch in (1, 8, 32):
+    rows = (prompts * batch)[:batch]
+    state = lm.encode_prompts(model, rows, tok.pad_token_id)
+    branches = [{"row": i, "prefix": tok(" Thought:", add_special_tokens=False)["input_ids"], "max_new": 64, "stop": "never"}
+                for i in range(batch)]
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    t0 = time.time()
+    lm.run_branches(model, tok, state, branches, max_rows=batch)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    print(f"decode batch {batch:2d}: {batch * 64 / (time.time() - t0):8.1f} tok/s ({dtype}, prompts of ~{len(rows[0])} tokens)")
+print(f"gpu_check done: {'all stages ok' if not failures else 'FAILED: ' + ', '.join(failures)} (work folder {work})")
+sys.exit(1 if failures else 0)
