@@ -284,11 +284,14 @@ if episodes:
     last = {}
     for r in episodes:
         last[r["run"]] = max(last.get(r["run"], -1), r["step"])
-    final = [r for r in episodes if r["step"] == last[r["run"]] and r["mode"] in ("prompt", "cot")]
+    final = [r for r in episodes if r["step"] == last[r["run"]] and r["mode"] in ("prompt", "cot", "expert", "random")]
     rows = table(final, ["k_label", "split", "mode"], ["won", "score", "agreement", "invalid_rate"])
+    for row in rows:  # success is a proportion: its Wilson interval too, which is not degenerate at 0 or 1
+        row["won_wilson_lo"], row["won_wilson_hi"] = steps.wilson(round(row["won"] * row["n"]), row["n"])
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)
     for ax, split in zip(axes, SPLITS):
-        bars(ax, [r for r in rows if r["split"] == split], "won", "k_label", "mode", [("prompt", "prompt action"), ("cot", "CoT action")])
+        bars(ax, [r for r in rows if r["split"] == split], "won", "k_label", "mode",
+             [("prompt", "prompt action"), ("cot", "CoT action"), ("expert", "expert policy"), ("random", "random policy")])
         ax.set_title(SPLIT_NAME[split])
         ax.set_xlabel("model (training objective)")
         ax.set_ylim(0, 1.05)
@@ -297,9 +300,24 @@ if episodes:
     axes[1].legend(fontsize=8)
     fig.suptitle("Online success by acting mode (last checkpoint of each run)", y=1.02)
     save(fig, "online", rows)
+    for row in rows:
+        row["won_wilson"] = f"[{row['won_wilson_lo']:.2f}, {row['won_wilson_hi']:.2f}]"
     md += ["## Online rollouts (last checkpoint of each run)", "", md_table(rows, [
-        ("model", "k_label"), ("split", "split"), ("mode", "mode"), ("n", "n"), ("success", "won"), ("score", "score"),
-        ("prompt-CoT agreement", "agreement"), ("invalid actions", "invalid_rate")]), ""]
+        ("model", "k_label"), ("split", "split"), ("mode", "mode"), ("n", "n"), ("success [bootstrap]", "won"),
+        ("success Wilson 95%", "won_wilson"), ("score", "score"), ("prompt-CoT agreement", "agreement"),
+        ("invalid actions", "invalid_rate")]), ""]
+    # The paper's relative advantage: CoT minus prompt success, paired task by task.
+    pairs = {}
+    for r in final:
+        if r["mode"] in ("prompt", "cot"):
+            pairs.setdefault((r["k_label"], r["split"], r["task_id"]), {})[r["mode"]] = float(r["won"])
+    diffs = [{"k_label": k, "split": split, "cot_minus_prompt": p["cot"] - p["prompt"]}
+             for (k, split, _), p in pairs.items() if len(p) == 2]
+    if diffs:
+        drows = table(diffs, ["k_label", "split"], ["cot_minus_prompt"])
+        steps.write_csv_atomic(os.path.join(OUT, "cot_minus_prompt.csv"), drows)
+        md += ["### CoT minus prompt success, paired by task", "", md_table(drows, [
+            ("model", "k_label"), ("split", "split"), ("n tasks", "n"), ("CoT - prompt", "cot_minus_prompt")]), ""]
     trained = [r for r in final if isinstance(r["k"], float) and r["split"] == "ood_test"]
     if trained:
         krows = table(trained, ["mode", "k"], ["won", "score"])

@@ -415,6 +415,17 @@ def mean_ci(values, seed=0, n_boot=1000):
     return round(float(x.mean()), 4), round(float(lo), 4), round(float(hi), 4)
 
 
+def wilson(successes, n, z=1.96):
+    """Wilson score 95% interval of a proportion: unlike the bootstrap, not degenerate at 0 or n successes
+    (0 of 64 gives [0, 0.057], not [0, 0])."""
+    if not n:
+        return None, None
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / (1 + z * z / n)
+    return round(max(0.0, centre - half), 4), round(min(1.0, centre + half), 4)
+
+
 def summarize(records, keys, metrics, seed=0):
     """One row per distinct value of `keys`: n and, per metric, its mean with _lo/_hi bootstrap bounds."""
     groups = {}
