@@ -69,6 +69,8 @@ parser.add_argument("--out", default="runs/k{k}_seed{seed}", help="run folder ({
 parser.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0 = only at the end)")
 parser.add_argument("--log-every", type=int, default=5, help="log line + metrics.jsonl every N steps")
 parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+parser.add_argument("--init-adapter", default="", help="start from this LoRA adapter's weights (a train.py or PEFT checkpoint) "
+                                                        "with a fresh optimizer and schedule: continued training, curricula")
 parser.add_argument("--stop-at-step", type=int, default=0, help="exit after saving this step, as if killed (for tests and preemptible jobs)")
 parser.add_argument("--device", default="auto", help="auto (cuda+bf16 if present, else cpu+fp32), cpu, cuda, cuda:1")
 parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
@@ -177,7 +179,7 @@ def save_checkpoint(model, tok, optimizer, step, epoch, data_hashes):
 
 # The settings that define a run: --resume refuses a checkpoint trained with any other value of these
 # (or other data). Threads, logging, checkpoint cadence, device and micro-batching may change.
-RUN_DEFINING = ("model", "full_finetune", "lora_r", "lora_alpha", "lora_dropout", "target_modules", "mask_action_frac",
+RUN_DEFINING = ("model", "init_adapter", "full_finetune", "lora_r", "lora_alpha", "lora_dropout", "target_modules", "mask_action_frac",
                 "no_cot", "max_examples", "max_len", "epochs", "max_steps", "batch_size", "lr", "warmup_frac",
                 "weight_decay", "grad_clip", "seed", "share_prefix")
 
@@ -256,6 +258,16 @@ if not args.full_finetune:
     config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                         target_modules=args.target_modules.split(","), task_type="CAUSAL_LM")
     model = get_peft_model(model, config)
+if args.init_adapter:
+    if args.full_finetune:
+        fail("--init-adapter starts LoRA from an adapter; for full fine-tuning pass the model folder as --model")
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+    try:
+        steps.check_checkpoint(args.init_adapter)
+        set_peft_model_state_dict(model, load_file(os.path.join(args.init_adapter, "adapter_model.safetensors")))
+    except (ValueError, OSError, RuntimeError) as e:
+        fail(f"--init-adapter {args.init_adapter}: {e}")
 params = [p for p in model.parameters() if p.requires_grad]
 optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
 

@@ -237,3 +237,18 @@ def test_shared_prefix_gives_the_per_step_gradient(tiny_model, small_data, lora)
         scale = g_plain[name].abs().max().item()
         assert scale > 0, name
         assert (g_plain[name] - g_fast[name]).abs().max().item() < 1e-4 * scale, name
+
+
+def test_init_adapter_starts_from_its_weights(tiny_model, small_data, tmp_path):
+    from safetensors.torch import load_file
+    train(tiny_model, small_data[0], tmp_path / "a", "--max-steps", "2", "--lr", "1e-2")
+    init = tmp_path / "a" / "checkpoint-000002"
+    train(tiny_model, small_data[0], tmp_path / "b", "--max-steps", "1", "--lr", "1e-12", "--init-adapter", str(init))
+    a, b = load_file(init / "adapter_model.safetensors"), load_file(tmp_path / "b" / "checkpoint-000001" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    assert any(v.abs().max() > 0 for k, v in a.items() if "lora_B" in k)  # trained, not a fresh init (B = 0)
+    for key in a:
+        assert (a[key] - b[key]).abs().max() < 1e-6, key
+    proc = train(tiny_model, small_data[0], tmp_path / "c", "--max-steps", "1", "--lora-r", "8", "--init-adapter", str(init),
+                 check=False)
+    assert proc.returncode != 0 and "--init-adapter" in proc.stderr and "Traceback" not in proc.stderr
