@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The study on the embedded SmolLM2-135M-Instruct, at the scale that fits about 2 hours on 2 CPU cores:
-# ALFWorld data with a searching expert -> LoRA SFT with k=0 and k=0.3 (same seed and data) -> rollouts
-# of each run's last checkpoint (both modes, in-domain and out-of-domain, plus the expert and random
-# policies) -> probe and conflict probe of the base model and every checkpoint on the same steps ->
-# report (results/study/report/). Every stage resumes: rerunning the same command after a kill
+# ALFWorld data with a searching expert -> the expert and random policies, the base model's probes ->
+# for k=0, then k=0.3 (same seed and data): LoRA SFT, rollouts of the last checkpoint (both modes,
+# in-domain and out-of-domain), probe and conflict probe of every k=0 checkpoint and the last k=0.3 one,
+# on the same steps -> report (results/study/report/). A run is finished before the next one starts,
+# so a study cut short still has whole runs. Every stage resumes: rerunning the same command after a kill
 # continues where it stopped. Each stage's wall time and peak RSS go to $OUT/stages.tsv.
 #   bash study.sh                        (what `make study` runs)
 #   SEED=1 OUT=results/study_seed1 bash study.sh
@@ -41,9 +42,27 @@ for POLICY in expert random; do
     --max-steps-factor "$STEP_FACTOR" --num-envs 4 --seed "$SEED" --out "$OUT/eval/$POLICY"
 done
 
+stage "3/7 conflicts: a valid different action a2 and a trace for it, on the probe's steps"
+[ -f "$OUT/conflicts.jsonl" ] || timed conflicts $PY make_conflicts.py --data "$DATA/alfworld_id_test.jsonl" \
+  "$DATA/alfworld_ood_test.jsonl" --pool "$DATA/alfworld_train.jsonl" --max-per-split "$RECORDS" --seed "$SEED" \
+  --out "$OUT/conflicts.jsonl"
+
+# The probe measures what the paper's claims are about (actions, log-likelihoods, consistency, revisions,
+# attention and gradient shares). For time it skips rank-1 among all valid actions (--no-candidates) and
+# keeps 3 points of the truncation curve; probe.py's defaults measure both in full.
+PROBE_ARGS="--max-records $RECORDS --attribution-samples 16 --max-thought-tokens 80 --no-candidates --trunc-fracs 0,0.5,1 \
+--batch-size 16 --max-rows 64 --seed $SEED --threads $THREADS"
+CONFLICT_ARGS="--batch-size 16 --max-rows 64 --seed $SEED --threads $THREADS"
+stage "4/7 probe and conflict probe of the base model on $RECORDS in-domain + $RECORDS out-of-domain steps"
+# shellcheck disable=SC2086
+timed probe_base $PY probe.py --data "$DATA/alfworld_id_test.jsonl" "$DATA/alfworld_ood_test.jsonl" $PROBE_ARGS --out "$OUT/probe/base"
+# shellcheck disable=SC2086
+timed conflicts_base $PY probe.py --conflicts "$OUT/conflicts.jsonl" $CONFLICT_ARGS --out "$OUT/conflicts/base"
+
+FIRST_K=${KS%% *}
 for K in $KS; do
   RUN="$OUT/runs/k${K}_seed$SEED"
-  stage "3/7 train: LoRA SFT, k=$K, $N steps x $EPOCHS epochs = $STEPS optimizer steps, checkpoint every $SAVE -> $RUN"
+  stage "5/7 train: LoRA SFT, k=$K, $N steps x $EPOCHS epochs = $STEPS optimizer steps, checkpoint every $SAVE -> $RUN"
   if [ ! -f "$RUN/done" ]; then
     # shellcheck disable=SC2086  # TRAIN_ARGS is a word list on purpose
     timed "train_k$K" $PY train.py --data "$DATA/alfworld_train.jsonl" --mask-action-frac "$K" --seed "$SEED" \
@@ -51,29 +70,19 @@ for K in $KS; do
       --out "$RUN" $( [ -d "$RUN" ] && echo --resume )
     touch "$RUN/done"
   fi
-  stage "4/7 rollouts of k=$K's last checkpoint: up to $EPISODES in-domain and out-of-domain episodes per mode"
+  stage "6/7 k=$K: rollouts of the last checkpoint (up to $EPISODES in-domain and out-of-domain episodes per mode), probes"
   timed "eval_k$K" $PY evaluate.py --adapter "$RUN" --data "$DATA" --env alfworld --mode both --no-log-both --max-episodes "$EPISODES" \
     --max-steps-factor "$STEP_FACTOR" --max-thought-tokens 96 --num-envs 16 --seed "$SEED" --threads "$THREADS" \
     --out "$OUT/eval/k${K}_seed$SEED"
-done
-
-stage "5/7 conflicts: a valid different action a2 and a trace for it, on the probe's steps"
-[ -f "$OUT/conflicts.jsonl" ] || timed conflicts $PY make_conflicts.py --data "$DATA/alfworld_id_test.jsonl" \
-  "$DATA/alfworld_ood_test.jsonl" --pool "$DATA/alfworld_train.jsonl" --max-per-split "$RECORDS" --seed "$SEED" \
-  --out "$OUT/conflicts.jsonl"
-
-PROBE_ARGS="--max-records $RECORDS --attribution-samples 16 --max-thought-tokens 96 --seed $SEED --threads $THREADS"
-stage "6/7 probe: base model and every checkpoint on $RECORDS in-domain + $RECORDS out-of-domain steps, then conflicts"
-# shellcheck disable=SC2086
-timed probe_base $PY probe.py --data "$DATA/alfworld_id_test.jsonl" "$DATA/alfworld_ood_test.jsonl" $PROBE_ARGS --out "$OUT/probe/base"
-timed conflicts_base $PY probe.py --conflicts "$OUT/conflicts.jsonl" --seed "$SEED" --threads "$THREADS" --out "$OUT/conflicts/base"
-for K in $KS; do
-  RUN="$OUT/runs/k${K}_seed$SEED"
+  # The training dynamics come from the first run's checkpoints; the other runs are compared at their end.
+  CKPTS=$RUN
+  [ "$K" = "$FIRST_K" ] || CKPTS=$(ls -d "$RUN"/checkpoint-* | tail -1)
   # shellcheck disable=SC2086
-  timed "probe_k$K" $PY probe.py --no-base --checkpoints "$RUN" --data "$DATA/alfworld_id_test.jsonl" \
+  timed "probe_k$K" $PY probe.py --no-base --checkpoints "$CKPTS" --data "$DATA/alfworld_id_test.jsonl" \
     "$DATA/alfworld_ood_test.jsonl" $PROBE_ARGS --out "$OUT/probe/k${K}_seed$SEED"
-  timed "conflicts_k$K" $PY probe.py --no-base --checkpoints "$RUN" --conflicts "$OUT/conflicts.jsonl" --seed "$SEED" \
-    --threads "$THREADS" --out "$OUT/conflicts/k${K}_seed$SEED"
+  # shellcheck disable=SC2086
+  timed "conflicts_k$K" $PY probe.py --no-base --checkpoints "$CKPTS" --conflicts "$OUT/conflicts.jsonl" $CONFLICT_ARGS \
+    --out "$OUT/conflicts/k${K}_seed$SEED"
 done
 
 stage "7/7 report: tables and figures"
