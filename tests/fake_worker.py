@@ -14,6 +14,15 @@ import envs  # noqa: E402
 mode, marker = sys.argv[1], sys.argv[2]
 
 
+def first(marker):
+    """True for exactly one worker: creating the marker is atomic, so two workers cannot both be first."""
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL))
+        return True
+    except FileExistsError:
+        return False
+
+
 class Failing:
     """stdin lines, with a failure injected at the first step command."""
 
@@ -22,8 +31,7 @@ class Failing:
 
     def __iter__(self):
         for line in self.lines:
-            if '"cmd": "step"' in line and (mode == "crash-always" or not os.path.exists(marker)):
-                open(marker, "a").close()
+            if '"cmd": "step"' in line and (mode == "crash-always" or first(marker)):
                 if mode.startswith("hang"):
                     time.sleep(3600)
                 os._exit(3)

@@ -139,8 +139,7 @@ def test_conflict_probe_bad_input(kind, tiny_model, small_data, tmp_path):
     check_fails_cleanly(proc, expected, {})
     assert not out.exists()
     # Messages that end with the assistant's turn are no prompt to answer.
-    lines[0] = json.dumps(dict(recs[0], messages=recs[0]["messages"] + [{"role": "assistant", "content": "x"}]))
-    path.write_text("".join(line + "\n" for line in lines[:1]))
+    path.write_text(json.dumps(dict(recs[0], messages=recs[0]["messages"] + [{"role": "assistant", "content": "x"}])) + "\n")
     proc = run("probe.py", "--model", tiny_model, "--conflicts", str(path), "--out", str(out), check=False)
     check_fails_cleanly(proc, [f"{path}:1", "'messages'", "user turn"], {})
 

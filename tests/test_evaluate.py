@@ -89,7 +89,8 @@ def test_crashed_or_hung_env_is_restarted_and_retried(all_data, tmp_path):
     argv = ["evaluate.py", "--policy", "expert", "--data", str(all_data), "--env", "alfworld", "--split", "ood_test",
             "--out", str(tmp_path / "always")]
     proc = run(*argv, "--worker-cmd", worker)
-    assert proc.stderr.count("worker 0 restarted") + proc.stderr.count("worker 1 restarted") >= 2
+    log = proc.stdout + proc.stderr
+    assert log.count("worker 0 restarted") + log.count("worker 1 restarted") >= 2
     recs = read(tmp_path / "always" / "episodes.jsonl")
     assert len(recs) == 2 and all(r["errored"] and "worker exited with code 3" in r["error"] for r in recs)
     # An infrastructure fault is not a loss: no success rate over errored episodes, they are counted apart.

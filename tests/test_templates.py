@@ -79,9 +79,12 @@ def test_training_and_inference_see_the_same_prompt(family, small_data):
         ids, labels, kinds = lm.encode_step(tok, rec, mask_action=True)
         n_prompt = kinds.index(lm.THOUGHT) if lm.THOUGHT in kinds else kinds.index(lm.TAG)
         assert all(k == lm.PROMPT for k in kinds[:n_prompt])
-        # Inference tokenizes the prompt alone (steps.render_prompt); it must be the training prompt.
+        # Inference renders the same prompt (steps.render_prompt) and tokenizes it with the tag that follows it
+        # (lm.encode_parts), as training did: a prompt ending in "\n\n" (Qwen3's think block, Llama's header)
+        # tokenizes differently alone than before a word, so tokenizing it alone would not match.
         prompt = steps.render_prompt(tok, rec["messages"])
-        assert tok(prompt, add_special_tokens=False)["input_ids"] == ids[:n_prompt], rec["id"]
+        for tag in steps.tags():
+            assert lm.encode_parts(tok, [prompt, tag])[0] == ids[:n_prompt], (rec["id"], tag)
         # The action mask is exact: the masked tokens spell the action, nothing more.
         action_pos = [i for i, k in enumerate(kinds) if k == lm.ACTION]
         assert tok.decode([ids[i] for i in action_pos]).strip() == rec["action"]
