@@ -243,3 +243,30 @@ def test_report_bad_meta(tmp_path):
     proc = run("report.py", "--results", str(tmp_path), check=False)
     check_fails_cleanly(proc, [str(tmp_path / "probe" / "x" / "meta.json")], {})
     assert not (tmp_path / "report").exists()
+
+
+def test_make_conflicts_needs_task_ids(small_data, tmp_path):
+    lines = open(os.path.join(small_data[0], "alfworld_id_test.jsonl")).read().splitlines()
+    rec = json.loads(lines[1])
+    del rec["task_id"]
+    path = tmp_path / "x_id_test.jsonl"
+    path.write_text("\n".join([lines[0], json.dumps(rec)] + lines[2:]) + "\n")
+    proc = run("make_conflicts.py", "--data", str(path), "--pool", os.path.join(small_data[0], "alfworld_train.jsonl"),
+               "--out", str(tmp_path / "c.jsonl"), check=False)
+    check_fails_cleanly(proc, [f"{path}:2", "'task_id'"], {})
+    assert not (tmp_path / "c.jsonl").exists()
+
+
+def test_resume_stops_at_a_damaged_line_mid_file(tiny_model, small_data, tmp_path):
+    """A torn last line is redone; a broken line elsewhere is never guessed at or overwritten."""
+    out = tmp_path / "probe"
+    argv = ["probe.py", "--model", tiny_model, "--data", os.path.join(small_data[0], "alfworld_id_test.jsonl"),
+            "--max-records", "2", "--max-thought-tokens", "4", "--attribution-samples", "0", "--threads", "1", "--out", str(out)]
+    run(*argv)
+    records = out / "records.jsonl"
+    lines = records.read_text().splitlines(keepends=True)
+    damaged = lines[0] + lines[1][:20] + "\n" + "".join(lines[2:])
+    records.write_text(damaged)
+    before = snapshot(records, out / "summary.csv")
+    proc = run(*argv, check=False)
+    check_fails_cleanly(proc, [f"{records}:2", "not valid JSON"], before)
