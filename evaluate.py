@@ -19,7 +19,7 @@ the paired CoT-minus-prompt difference on the same tasks), meta.json. One record
     "checkpoint":  "k0.3_seed0/checkpoint-000040"    "step": 40    (base model: "base", 0; "expert", "random")
     "env", "task_type", "split", "task_id", "mode":  "cot"
     "won": false, "score": 0.0, "steps": 24, "max_steps": 24, "expert_steps": 8   (the cap; the expert's path length)
-    "invalid_actions": 12, "agreement": 0.34, "error": null
+    "invalid_actions": 12, "agreement": 0.34, "error": null, "errored": false, "tries": 1   (2: its worker was restarted)
     "transcript":  [{"obs": "...", "output": " I need ...\\nAction: go to shelf 1", "action": "go to shelf 1",
                      "other_action": "take mug 1 from shelf 1", "invalid": false}, ...]
 
