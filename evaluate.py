@@ -41,7 +41,8 @@ import time
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 # what to run
 parser.add_argument("--policy", default="model", choices=["model", "expert", "random"], help="who acts")
-parser.add_argument("--model", default="smollm2-135m", help="base model: hub id, local folder, or smollm2-135m (embedded)")
+parser.add_argument("--model", default="", help="base model: hub id, local folder, or smollm2-135m (embedded); default: the "
+                                                 "adapters' own base_model_name_or_path where it is a local folder, else smollm2-135m")
 parser.add_argument("--adapter", nargs="*", default=[], help="train.py checkpoint folders, or run folders (their last checkpoint)")
 parser.add_argument("--all-checkpoints", action="store_true", help="run folders expand to every checkpoint, not just the last")
 parser.add_argument("--with-base", action="store_true", help="also evaluate the base model when --adapter is given")
@@ -529,6 +530,7 @@ try:
             torch.set_num_threads(args.threads)
         device, dtype = lm.pick_device(args.device)
         try:
+            args.model = steps.base_model(args.model, [c for _, _, c in ckpts if c])
             model_path = lm.resolve_model(args.model)
             tok = lm.load_tokenizer(model_path)
         except (OSError, ValueError) as e:

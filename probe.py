@@ -49,7 +49,8 @@ import time
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 # inputs
-parser.add_argument("--model", default="smollm2-135m", help="base model: hub id, local folder, or smollm2-135m (embedded)")
+parser.add_argument("--model", default="", help="base model: hub id, local folder, or smollm2-135m (embedded); default: the "
+                                                 "adapters' own base_model_name_or_path where it is a local folder, else smollm2-135m")
 parser.add_argument("--checkpoints", nargs="*", default=[], help="train.py run folders (all their checkpoint-* in order) or checkpoint folders")
 parser.add_argument("--no-base", action="store_true", help="skip the base model (step 0)")
 parser.add_argument("--data", nargs="+", default=["data/generated/*_id_test.jsonl", "data/generated/*_ood_test.jsonl"],
@@ -336,6 +337,7 @@ try:
     records, files, attr_ids = load_records()
 except steps.DataError as e:
     fail(str(e))
+args.model = steps.base_model(args.model, [c for _, _, c in ckpts if c])
 try:
     model_path = lm.resolve_model(args.model)
     tok = lm.load_tokenizer(model_path)

@@ -373,6 +373,22 @@ def check_checkpoint(ckpt):
             raise ValueError(f"{path}: empty weights file")
 
 
+def base_model(given, checkpoints, default="smollm2-135m"):
+    """The base model to load checkpoints on: --model when given; else the base_model_name_or_path a PEFT
+    adapter among the checkpoints names, when that is a local folder (another trainer's run on
+    another model); else the embedded default."""
+    if given:
+        return given
+    for ckpt in checkpoints:
+        path = os.path.join(ckpt, "adapter_config.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                base = json.load(f).get("base_model_name_or_path")
+            if base and os.path.isdir(base):
+                return base
+    return default
+
+
 # ----------------------------------------------------------------------------- resumable outputs and summaries
 
 def read_done(path):

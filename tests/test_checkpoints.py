@@ -71,6 +71,14 @@ def test_trainer_series_is_ordered_scored_and_reported(tiny_model, small_data, t
         by_ckpt.setdefault(r["checkpoint"], []).append(r["ll_prompt_sum"])
     assert len({tuple(v) for v in by_ckpt.values()}) == 5
 
+    # Without --model, the adapters' own base_model_name_or_path (a local folder here) is the base.
+    proc = run("probe.py", *[a for a in common if a not in ("--model", tiny_model)], "--no-base", "--checkpoints",
+               str(series / "checkpoint-10"), "--out", str(tmp_path / "probe_nomodel"))
+    assert f"model {tiny_model}" in proc.stdout
+    again = {r["record_id"]: {k: v for k, v in r.items() if k not in skip}
+             for r in records(tmp_path / "probe_nomodel" / "records.jsonl")}
+    assert again == theirs
+
     # evaluate.py takes the same run folder, every checkpoint in step order.
     run("evaluate.py", "--model", tiny_model, "--adapter", str(series), "--all-checkpoints", "--data", str(small_data[0]),
         "--env", "bfcl", "--split", "id_test", "--max-episodes", "1", "--mode", "prompt", "--num-envs", "1",
