@@ -442,19 +442,9 @@ def checkpoint_list():
         if not os.path.isdir(item):
             fail(f"adapter folder not found: {item}")
         try:
-            found = steps.list_checkpoints(item)
+            out += steps.checkpoint_series(item, last_only=not args.all_checkpoints)
         except ValueError as e:
             fail(str(e))
-        for ckpt in found if args.all_checkpoints else found[-1:]:
-            try:
-                steps.check_checkpoint(ckpt)
-                step = steps.checkpoint_step(ckpt)
-            except ValueError as e:
-                fail(str(e))
-            if step is None:
-                fail(f"{ckpt}: no training step found (train.py's meta.json, trainer_state.json, or a checkpoint-N name)")
-            out.append((f"{os.path.basename(os.path.dirname(os.path.abspath(ckpt)))}/{os.path.basename(os.path.normpath(ckpt))}",
-                        step, ckpt))
     return out
 
 

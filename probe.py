@@ -95,22 +95,10 @@ def checkpoint_list():
     is checked (lm.check_checkpoint) before the first model state is probed."""
     out = [] if args.no_base else [("base", 0, None)]
     for item in args.checkpoints:
-        if not os.path.isdir(item):
-            fail(f"checkpoint folder not found: {item}")
         try:
-            found = steps.list_checkpoints(item)
+            out += steps.checkpoint_series(item)
         except ValueError as e:
             fail(str(e))
-        for ckpt in found:
-            try:
-                steps.check_checkpoint(ckpt)
-                step = steps.checkpoint_step(ckpt)
-            except ValueError as e:
-                fail(str(e))
-            if step is None:
-                fail(f"{ckpt}: no training step found (train.py's meta.json, trainer_state.json, or a checkpoint-N name)")
-            name = f"{os.path.basename(os.path.dirname(os.path.abspath(ckpt)))}/{os.path.basename(os.path.normpath(ckpt))}"
-            out.append((name, step, ckpt))
     if not out:
         fail("nothing to probe: give --checkpoints or drop --no-base")
     return out

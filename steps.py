@@ -373,6 +373,24 @@ def check_checkpoint(ckpt):
             raise ValueError(f"{path}: empty weights file")
 
 
+def checkpoint_series(folder, last_only=False):
+    """[(name, step, folder)] of a run folder's checkpoints in training order (or the one checkpoint a
+    folder is), each checked (check_checkpoint) before any is used; name = "<run>/<checkpoint>".
+    last_only: only the last checkpoint, the only one checked. ValueError (one line) on any fault."""
+    if not os.path.isdir(folder):
+        raise ValueError(f"checkpoint folder not found: {folder}")
+    found = list_checkpoints(folder)
+    out = []
+    for ckpt in found[-1:] if last_only else found:
+        check_checkpoint(ckpt)
+        step = checkpoint_step(ckpt)
+        if step is None:
+            raise ValueError(f"{ckpt}: no training step found (train.py's meta.json, trainer_state.json, or a checkpoint-N name)")
+        name = f"{os.path.basename(os.path.dirname(os.path.abspath(ckpt)))}/{os.path.basename(os.path.normpath(ckpt))}"
+        out.append((name, step, ckpt))
+    return out
+
+
 def base_model(given, checkpoints, default="smollm2-135m"):
     """The base model to load checkpoints on: --model when given; else the base_model_name_or_path a PEFT
     adapter among the checkpoints names, when that is a local folder (another trainer's run on
