@@ -12,10 +12,11 @@ THREADS=${THREADS:-2}
 mkdir -p "$OUT"
 stage() { printf '\n== [%s] %s\n' "$(date +%H:%M:%S)" "$*"; }
 
-stage "1/6 data: expert trajectories of ALFWorld, ScienceWorld (find-* tasks) and BFCL -> $DATA"
+stage "1/6 data: expert trajectories of ALFWorld, ScienceWorld (find-* tasks), BFCL and multi-turn BFCL -> $DATA"
 if [ ! -f "$DATA/meta.json" ]; then
   $PY make_data.py --env all --seed "$SEED" --out "$DATA" --alfworld-train-per-type 6 --alfworld-test-per-type 2 \
-    --sciworld-tasks find-living-thing,find-non-living-thing,find-plant,find-animal --bfcl-train 60 --bfcl-test 6
+    --sciworld-tasks find-living-thing,find-non-living-thing,find-plant,find-animal --bfcl-train 60 --bfcl-test 6 \
+    --bfcl-mt-train 6 --bfcl-mt-test 1
 fi
 
 for K in 0.0 0.3; do

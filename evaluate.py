@@ -49,11 +49,11 @@ parser.add_argument("--with-base", action="store_true", help="also evaluate the 
 parser.add_argument("--mode", default="both", choices=["prompt", "cot", "both"], help="how the model acts")
 parser.add_argument("--no-log-both", action="store_true", help="do not record the other mode's action at each step")
 # which episodes
-parser.add_argument("--env", default="all", help="comma list of alfworld, scienceworld, bfcl, or all")
+parser.add_argument("--env", default="all", help="comma list of alfworld, scienceworld, bfcl, bfcl_mt, or all (those the --data folder has)")
 parser.add_argument("--split", default="id_test,ood_test", help="comma list of id_test, ood_test")
 parser.add_argument("--data", default="data/generated", help="make_data.py output folder: its <env>_<split>.jsonl name the episodes")
 parser.add_argument("--max-episodes", type=int, default=0, help="per env x split, a seeded sample of this many episodes (0 = all)")
-parser.add_argument("--max-steps", type=int, default=0, help="cap on steps per episode (0 = the env's own: ALFWorld 50, ScienceWorld per task, BFCL 1)")
+parser.add_argument("--max-steps", type=int, default=0, help="cap on steps per episode (0 = the env's own: ALFWorld 50, ScienceWorld per task, BFCL 1, multi-turn BFCL 2x the expert path)")
 parser.add_argument("--max-steps-factor", type=float, default=0.0,
                     help="also cap each episode at ceil(F x its expert path length in the step data) steps (0 = no such cap)")
 parser.add_argument("--history", type=int, default=4, help="past exchanges kept in the prompt (as in make_data.py)")
@@ -64,6 +64,8 @@ parser.add_argument("--backend", default="hf", choices=["hf", "generate"],
 parser.add_argument("--max-action-tokens", type=int, default=96, help="greedy tokens for an action line")
 parser.add_argument("--max-thought-tokens", type=int, default=192, help="greedy tokens for reasoning + action in cot mode")
 parser.add_argument("--max-rows", type=int, default=16, help="generation rows per forward pass (hf backend)")
+parser.add_argument("--max-len", type=int, default=0, help="most tokens of a prompt plus its generation; a longer one stops "
+                                                          "the run with an error naming the episode (0 = the model's context)")
 # run
 parser.add_argument("--num-envs", type=int, default=8, help="environments stepping in lockstep (worker processes)")
 parser.add_argument("--step-timeout", type=float, default=120.0, help="seconds an env reset/step may take before its worker is restarted")
@@ -92,14 +94,18 @@ def fail(msg):
 def load_tasks():
     """Task dicts of the test episodes named by the step data, per env and split, in file order."""
     import envs
-    want_envs = list(steps.ENVS) if args.env == "all" else args.env.split(",")
-    for e in want_envs:
-        if e not in steps.ENVS:
-            fail(f"--env: unknown environment {e!r}; expected {', '.join(steps.ENVS)} or all")
     splits = args.split.split(",")
     for s in splits:
         if s not in ("id_test", "ood_test"):
             fail(f"--split: unknown split {s!r}; expected id_test and/or ood_test")
+    # all: the environments the data folder has test episodes of
+    want_envs = [e for e in steps.ENVS if any(os.path.exists(os.path.join(args.data, f"{e}_{s}.jsonl")) for s in splits)] \
+        if args.env == "all" else args.env.split(",")
+    if not want_envs:
+        fail(f"{args.data}: no <env>_<split>.jsonl test files for --env all (make them with make_data.py, or pass --data)")
+    for e in want_envs:
+        if e not in steps.ENVS:
+            fail(f"--env: unknown environment {e!r}; expected {', '.join(steps.ENVS)} or all")
     meta_path = os.path.join(args.data, "meta.json")
     data_args = {}
     if os.path.exists(meta_path):
@@ -133,6 +139,9 @@ def load_tasks():
                     if root:
                         root = os.path.join(root, "json_2.1.1") if os.path.isdir(os.path.join(root, "json_2.1.1")) else root
                     known = {t["id"]: t for t in envs.alfworld_tasks(root or os.path.join(args.data, "alfworld_games"))}
+                elif env == "bfcl_mt":  # the data's cut on call results applies to the rollouts too
+                    cap = data_args.get("bfcl_mt_obs_cap", envs.BFCL_MT_OBS_CAP)
+                    known = {t["id"]: dict(t, obs_cap=cap) for t in envs.bfcl_mt_tasks()}
                 else:
                     known = {t["id"]: t for t in envs.bfcl_tasks()}
             for tid in ids:
@@ -210,7 +219,7 @@ def step_cap(task, env_cap):
 def begin(ep):
     """Reset state of an (re)started episode."""
     ep.update(observations=[], actions=[], transcript=[], won=False, score=0.0, invalid=0, goal=None, functions=None,
-              max_steps=None, plan=None, valid=None, t_start=time.time())
+              tools=None, turns_passed=None, max_steps=None, plan=None, valid=None, t_start=time.time())
 
 
 def finish(ep, error=None):
@@ -222,7 +231,7 @@ def finish(ep, error=None):
         "steps": n, "max_steps": ep["max_steps"], "expert_steps": ep["task"].get("expert_steps"), "invalid_actions": ep["invalid"], "invalid_rate": round(ep["invalid"] / n, 4) if n else None,
         "agreement": round(sum(agree) / len(agree), 4) if agree else None, "error": error,
         "errored": error is not None, "tries": ep["tries"], "seconds": round(time.time() - ep["t_start"], 2),
-        "transcript": ep["transcript"]}
+        **({"turns_passed": ep["turns_passed"]} if ep["env"] == "bfcl_mt" else {}), "transcript": ep["transcript"]}
 
 
 # ----------------------------------------------------------------------------- policies
@@ -242,6 +251,8 @@ class HFPolicy:
         thought_tag, action_tag = steps.tags()
         prompts = [steps.render_prompt(self.tok, m) for m in messages_list]
         enc = [lm.encode_parts(self.tok, [p, action_tag, thought_tag]) for p in prompts]
+        lm.check_fits(self.model, [f"episode {k}" for k in keys_list], [len(e[0]) for e in enc],
+                      max(args.max_action_tokens, args.max_thought_tokens) + 2, args.max_len)
         branches, keys = [], []
         for i, want in enumerate(wants):
             if "prompt" in want:
@@ -299,8 +310,10 @@ class GeneratePolicy:
         import lm
         thought_tag, action_tag = steps.tags()
         out = []
-        for messages, want in zip(messages_list, wants):
+        for key, messages, want in zip(keys_list, messages_list, wants):
             prompt = steps.render_prompt(self.tok, messages)
+            lm.check_fits(self.model, [f"episode {key}"], [len(self.tok(prompt)["input_ids"])],
+                          max(args.max_action_tokens, args.max_thought_tokens) + 2, args.max_len)
             res = {}
             if "prompt" in want:
                 res["prompt"] = self._generate(sum(lm.encode_parts(self.tok, [prompt, action_tag]), []),
@@ -371,6 +384,7 @@ def run_checkpoint(ckpt, episodes, policy, workers, fout):
                 continue
             ep = slots[s]
             ep.update(observations=[r["obs"]], goal=r["info"]["task"], functions=r["info"].get("functions"),
+                      tools=r["info"].get("function_names"),
                       max_steps=step_cap(ep["task"], r["info"]["max_steps"]), plan=r["plan"], valid=r["valid"])
         live = [s for s in range(len(slots)) if slots[s] is not None and slots[s]["goal"] is not None]
         if not live:
@@ -415,6 +429,7 @@ def run_checkpoint(ckpt, episodes, policy, workers, fout):
             ep["observations"].append(r["obs"])
             ep["invalid"] += entry["invalid"]
             ep["won"], ep["score"], ep["valid"] = r["info"]["won"], r["info"]["score"], r["valid"]
+            ep["turns_passed"] = r["info"].get("turns_passed")
             if r["done"] or len(ep["actions"]) >= ep["max_steps"]:
                 if policy is not None:
                     policy.forget(ep["id"])
@@ -429,6 +444,9 @@ def run_checkpoint(ckpt, episodes, policy, workers, fout):
 def random_action(ep, rng):
     if ep["env"] == "bfcl":  # no action list: a random function with no arguments
         return f"[{rng.choice(ep['task']['functions'])['name']}()]"
+    if ep["env"] == "bfcl_mt":  # a random offered function with no arguments, or the end of the user's turn
+        import envs
+        return rng.choice([f"[{name}()]" for name in ep["tools"]] + [envs.END_TURN])
     return rng.choice(ep["valid"]) if ep["valid"] else "look around"
 
 
@@ -484,7 +502,7 @@ def summarize(records):
 
 # ----------------------------------------------------------------------------- main
 
-for name, low in (("num_envs", 1), ("max_rows", 1), ("max_action_tokens", 1), ("max_thought_tokens", 1),
+for name, low in (("num_envs", 1), ("max_rows", 1), ("max_action_tokens", 1), ("max_thought_tokens", 1), ("max_len", 0),
                   ("max_episodes", 0), ("max_steps", 0), ("history", 0), ("threads", 0)):
     if getattr(args, name) < low:
         fail(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(args, name)}")
@@ -538,7 +556,10 @@ try:
             if args.policy == "model":
                 cls = GeneratePolicy if args.backend == "generate" else HFPolicy
                 policy = cls(lm.load_model(model_path, ckpt[2], device, dtype), tok)
-            run_checkpoint(ckpt, todo, policy, workers[:len(todo)], fout)
+            try:
+                run_checkpoint(ckpt, todo, policy, workers[:len(todo)], fout)
+            except steps.ContextError as e:  # finished episodes are kept; a rerun with a fix continues
+                fail(str(e))
             del policy
 finally:
     for w in workers:

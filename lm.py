@@ -538,6 +538,17 @@ def _greedy(model, tok, cache, mask, next_pos, first, branches, gen_rows):
     return [{"ids": t, "text": tok.decode(t, skip_special_tokens=True), "ended": e} for t, e in zip(tokens, ended)]
 
 
+def check_fits(model, names, lengths, extra, max_len=0):
+    """Raise steps.ContextError naming the first prompt whose length + extra (tokens still to come after it)
+    is over max_len, or over the model's own context (config.max_position_embeddings) when max_len is 0."""
+    limit = max_len or getattr(model.config, "max_position_embeddings", 0) or 0
+    for name, n in zip(names, lengths):
+        if limit and n + extra > limit:
+            raise steps.ContextError(f"{name}: its prompt is {n} tokens, and with {extra} more to generate or score it is over "
+                               f"the {limit}-token limit ({'--max-len' if max_len else 'the model context'}); keep fewer "
+                               f"past exchanges (--history in make_data.py) or shorter observations")
+
+
 def encode_parts(tok, parts):
     """Token ids of "".join(parts), tokenized once and split where each part starts.
 

@@ -6,7 +6,7 @@ counts, seconds, versions). The same --seed writes byte-identical files.
 
 One record (one line per field):
     "id":          "alfworld/train/pick_and_place_simple-3/trial_0/step002"   stable, unique
-    "env":         "alfworld"                     alfworld | scienceworld | bfcl
+    "env":         "alfworld"                     alfworld | scienceworld | bfcl | bfcl_mt
     "task_type":   "pick_and_place_simple"        ALFWorld type, ScienceWorld task, BFCL category
     "split":       "train"                        train | id_test | ood_test
     "task_id":     "alfworld/train/pick_and_place_simple-3/trial_0"   the episode
@@ -14,7 +14,7 @@ One record (one line per field):
     "messages":    [{"role": "system", ...}, {"role": "user", ...}, ...]   the prompt (steps.build_messages)
     "thought":     "I see a mug 1 here. Taking it is the next step toward the goal."
     "action":      "take mug 1 from cabinet 2"    the expert action
-    "candidates":  ["go to cabinet 1", ...]       valid actions at this step incl. the reference (null for BFCL)
+    "candidates":  ["go to cabinet 1", ...]       valid actions at this step incl. the reference (null for BFCL, bfcl_mt)
     "task":        "put some mug on shelf."       the goal text
     "thought_kind": "take"                        which situation the reasoning was written for
 
@@ -23,6 +23,8 @@ opening, taking, carrying to a tool, using it, placing, ...) is read off the goa
 is done and what the next expert actions do; one of several wordings is drawn with a seeded RNG and
 filled with the object, the likely places (ALFWorld's own table of what can hold what, restricted
 to the receptacles in the room), the tool and the goal. The action string itself never appears.
+Multi-turn BFCL steps are one ground-truth call each, reasoned from the user's request and the
+function's own description, then [] to end the user's turn.
 
 ALFWorld games: generated offline by alfgen.py (planner-solved, walkthrough stored in the file),
 or the real dataset with --alfworld-data DIR (DIR/json_2.1.1/<split>/<task>/trial_*/game.tw-pddl).
@@ -35,6 +37,7 @@ into the same record format with --import-eto FILE.
     python make_data.py --import-eto alfworld_sft.json --import-env alfworld --import-split train --out data/generated
 """
 import argparse
+import ast
 import json
 import multiprocessing
 import os
@@ -51,7 +54,7 @@ import steps
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 # what to build
-parser.add_argument("--env", default="all", help="comma list of alfworld, scienceworld, bfcl, or 'all'")
+parser.add_argument("--env", default="all", help="comma list of alfworld, scienceworld, bfcl, bfcl_mt, or 'all'")
 parser.add_argument("--out", default="data/generated", help="output folder for <env>_<split>.jsonl and meta.json")
 parser.add_argument("--seed", type=int, default=0, help="seeds game generation, task sampling and thought wording")
 parser.add_argument("--history", type=int, default=4, help="past (action, observation) exchanges kept in each prompt")
@@ -72,6 +75,12 @@ parser.add_argument("--sciworld-max-gold", type=int, default=60, help="skip vari
 # BFCL
 parser.add_argument("--bfcl-train", type=int, default=200, help="train items (sampled from the in-domain categories)")
 parser.add_argument("--bfcl-test", type=int, default=50, help="items per test split")
+# multi-turn BFCL
+parser.add_argument("--bfcl-mt-train", type=int, default=0, help="multi-turn train entries, a seeded sample (0 = all 154)")
+parser.add_argument("--bfcl-mt-test", type=int, default=0, help="multi-turn entries per test split, a seeded sample (0 = all: 46 id, 48 ood)")
+parser.add_argument("--bfcl-mt-obs-cap", type=int, default=envs.BFCL_MT_OBS_CAP,
+                    help="characters of one call's result shown to the agent; longer results are cut, with the cut said "
+                         "(long_context's inflated outputs are what this cuts; evaluate.py applies the data's cap)")
 # import
 parser.add_argument("--import-eto", default=None, help="convert an ETO/AgentGym conversation file (JSON list or JSONL) instead of running experts")
 parser.add_argument("--import-env", default="alfworld", help="environment name recorded on imported steps")
@@ -313,6 +322,26 @@ def bfcl_thought(task, rng):
     return draw(rng, "multi", table, n=len(names), fnames=listed), "multi"
 
 
+def bfcl_mt_thoughts(env, rng):
+    """One thought per expert step of a multi-turn BFCL episode: each call reasoned from the user's
+    request and the function's own description (never the call itself), then the end of the turn."""
+    table = THOUGHTS["bfcl_mt"]
+    out = []
+    for question, calls in zip(env.questions, env.turn_plans):
+        request = question if len(question) <= 160 else question[:157].rsplit(" ", 1)[0] + "..."
+        for i, call in enumerate(calls):
+            fname = call.split("(", 1)[0]
+            desc = env.signatures[fname].split("): ", 1)[-1].rstrip(".")
+            params = [kw.arg for kw in ast.parse(call, mode="eval").body.keywords]  # rendered by envs: keywords only
+            fields = dict(request=request, fname=fname, desc=desc[:1].lower() + desc[1:],
+                          params=", ".join(params) if params else "no arguments")
+            situation = "first_call" if i == 0 else "next_call"
+            out.append((draw(rng, situation, table, **fields), situation))
+        situation = "end_turn" if calls else "nothing_to_call"
+        out.append((draw(rng, situation, table, request=request), situation))
+    return out
+
+
 # ----------------------------------------------------------------------------- episodes -> records
 
 SEARCH_FALLBACKS = [0]  # ALFWorld episodes where searching_plan fell back to the walkthrough
@@ -335,6 +364,8 @@ def episode_records(task, env, rng, max_plan=None):
         thoughts = alfworld_thoughts(goal, obs, plan, rng, detours)
     elif task["env"] == "scienceworld":
         thoughts = [sciworld_thought(goal, a, rng) for a in plan]
+    elif task["env"] == "bfcl_mt":
+        thoughts = bfcl_mt_thoughts(env, rng)
     else:
         thoughts = [bfcl_thought(task, rng)]
     observations, records, won = [obs], [], False
@@ -460,6 +491,16 @@ def build_env(name, rng, meta):
         tasks = (pick(all_tasks, "train", 4 * args.sciworld_train_per_task, lambda t: t["task_type"], rng)
                  + pick(all_tasks, "id_test", 4 * args.sciworld_test_per_task, lambda t: t["task_type"], rng)
                  + pick(all_tasks, "ood_test", 4 * args.sciworld_test_per_task, lambda t: t["task_type"], rng))
+    elif name == "bfcl_mt":
+        tasks = []
+        for split, n in (("train", args.bfcl_mt_train), ("id_test", args.bfcl_mt_test), ("ood_test", args.bfcl_mt_test)):
+            group = [dict(t, obs_cap=args.bfcl_mt_obs_cap) for t in envs.bfcl_mt_tasks() if t["split"] == split]
+            rng.shuffle(group)
+            tasks += group[:n or None]
+        held = sum(t["split"] == "ood_test" for t in envs.bfcl_mt_tasks())
+        meta["bfcl_mt_split"] = {"base_entries": len(envs.bfcl_mt_entries(envs.BFCL_MT_ID)),
+                                 "long_context_entries": len(envs.bfcl_mt_entries(envs.BFCL_MT_OOD)),
+                                 "long_context_kept_as_ood": held, "id_test_frac": envs.BFCL_MT_TEST_FRAC}
     else:
         all_tasks = envs.bfcl_tasks()
         tasks = []
@@ -576,7 +617,8 @@ def versions():
 def main():
     meta = {"args": vars(args), "versions": versions(), "python": sys.version.split()[0]}
     for name in ("history", "max_candidates", "alfworld_train_per_type", "alfworld_test_per_type", "alfworld_search",
-                 "sciworld_train_per_task", "sciworld_test_per_task", "sciworld_max_gold", "bfcl_train", "bfcl_test"):
+                 "sciworld_train_per_task", "sciworld_test_per_task", "sciworld_max_gold", "bfcl_train", "bfcl_test",
+                 "bfcl_mt_train", "bfcl_mt_test"):
         if getattr(args, name) < 0:
             sys.exit(f"error: --{name.replace('_', '-')} must be at least 0, got {getattr(args, name)}")
     if args.import_eto:

@@ -66,6 +66,8 @@ parser.add_argument("--attribution-samples", type=int, default=4, help="records 
 # run
 parser.add_argument("--batch-size", type=int, default=4, help="records whose prompts run together (similar lengths are grouped)")
 parser.add_argument("--max-rows", type=int, default=16, help="branches per forward pass (bounds memory: rows x prompt length KV)")
+parser.add_argument("--max-len", type=int, default=0, help="most tokens of a prompt plus what is scored or generated after it; "
+                                                          "a longer one stops with an error naming the record (0 = the model's context)")
 parser.add_argument("--seed", type=int, default=0, help="record sample, attribution sample, bootstrap")
 parser.add_argument("--out", default="results/probe", help="output folder")
 parser.add_argument("--device", default="auto", help="auto (cuda+bf16 if present, else cpu+fp32), cpu, cuda, cuda:1")
@@ -158,10 +160,13 @@ def probe_batch(model, tok, recs):
     fracs = [float(x) for x in args.trunc_fracs.split(",")]
     prompts = [steps.render_prompt(tok, r["messages"]) for r in recs]
     enc = [lm.encode_parts(tok, [p, action_tag]) for p in prompts]
+    ref_prefix = [lm.encode_parts(tok, [p, thought_prefix(r["thought"])])[1] for p, r in zip(prompts, recs)]
+    lm.check_fits(model, [f"record {r['id']}" for r in recs],
+                  [len(e[0]) + max(len(t), args.max_thought_tokens) for e, t in zip(enc, ref_prefix)],
+                  args.max_action_tokens, args.max_len)
     state = lm.encode_prompts(model, [e[0] for e in enc], tok.pad_token_id)
     # Everything asked after the reference thought (its log-likelihood, every candidate, the greedy
     # action) branches from a second state: prompt + thought, computed once from the prompt's cache.
-    ref_prefix = [lm.encode_parts(tok, [p, thought_prefix(r["thought"])])[1] for p, r in zip(prompts, recs)]
     state_t = lm.encode_prompts(model, [e[0] + t[:-1] for e, t in zip(enc, ref_prefix)], tok.pad_token_id,
                                 reuse=[lm.prompt_cache(state, i) for i in range(len(recs))])
     branches = {"prompt": [], "thought": []}
@@ -250,7 +255,11 @@ def probe_batch(model, tok, recs):
 def conflict_batch(model, tok, recs):
     """Prompt + conflicting trace + action tag: which action does the model write, and which does it prefer?"""
     prompts = [steps.render_prompt(tok, r["messages"]) for r in recs]
-    state = lm.encode_prompts(model, [tok(p, add_special_tokens=False)["input_ids"] for p in prompts], tok.pad_token_id)
+    ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    lm.check_fits(model, [f"record {r['id']}" for r in recs],
+                  [len(i) + len(tok(thought_prefix(r["trace"]))["input_ids"]) for i, r in zip(ids, recs)],
+                  args.max_action_tokens, args.max_len)
+    state = lm.encode_prompts(model, ids, tok.pad_token_id)
     branches = []
     for i, rec in enumerate(recs):
         prefix = thought_prefix(rec["trace"])
@@ -305,7 +314,7 @@ def attribution(model, tok, rec):
 
 # ----------------------------------------------------------------------------- main
 
-for name, low in (("batch_size", 1), ("max_rows", 1), ("max_action_tokens", 1), ("max_thought_tokens", 1),
+for name, low in (("batch_size", 1), ("max_rows", 1), ("max_action_tokens", 1), ("max_thought_tokens", 1), ("max_len", 0),
                   ("max_records", 0), ("attribution_samples", 0), ("threads", 0)):
     if getattr(args, name) < low:
         fail(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(args, name)}")
@@ -364,7 +373,10 @@ with open(records_path, "a") as fout:
         bar = tqdm(total=len(todo), desc=f"probe {name}", unit="rec")
         for b in range(0, len(todo), args.batch_size):
             batch = todo[b:b + args.batch_size]
-            rows = conflict_batch(model, tok, batch) if args.conflicts else probe_batch(model, tok, batch)
+            try:
+                rows = conflict_batch(model, tok, batch) if args.conflicts else probe_batch(model, tok, batch)
+            except steps.ContextError as e:  # rows already written stay; a rerun with a fix continues
+                fail(str(e))
             for rec, row in zip(batch, rows):
                 row.update(id=f"{name}/{rec['id']}", checkpoint=name, step=step)
                 if not args.conflicts:

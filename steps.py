@@ -23,11 +23,15 @@ TEMPLATES = os.path.join(HERE, "data", "templates")
 # Fields every step record must carry (make_data.py writes them, all later stages read them).
 STEP_FIELDS = ("id", "env", "task_type", "split", "messages", "thought", "action")
 SPLITS = ("train", "id_test", "ood_test")
-ENVS = ("alfworld", "scienceworld", "bfcl")
+ENVS = ("alfworld", "scienceworld", "bfcl", "bfcl_mt")
 
 
 class DataError(ValueError):
     """Bad input: the message names the file, the line and the field."""
+
+
+class ContextError(ValueError):
+    """A prompt, with the tokens to be generated after it, does not fit the context (never cut silently)."""
 
 
 @functools.lru_cache(maxsize=None)
