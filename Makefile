@@ -1,6 +1,6 @@
 # Everything a fresh machine needs, from the project's own files.
 #   make setup   .venv with pinned packages (alfworld builds jericho and fast-downward: ~5 min once)
-#   make data    the default step JSONL for all three environments (data/generated/)
+#   make data    the default step JSONL for all four environments (data/generated/)
 #   make test    the test suite (tiny random model, real environments; CI runs this)
 #   make demo    the whole study, small, on the embedded SmolLM2-135M (~20 min on 2 CPU cores)
 #   make study   the study on ALFWorld, ~3 hours on 2 CPU cores (study.sh; resumes after a kill)
