@@ -334,7 +334,7 @@ def bfcl_mt_thoughts(env, rng):
             desc = env.signatures[fname].split("): ", 1)[-1].rstrip(".")
             params = [kw.arg for kw in ast.parse(call, mode="eval").body.keywords]  # rendered by envs: keywords only
             fields = dict(request=request, fname=fname, desc=desc[:1].lower() + desc[1:],
-                          params=", ".join(params) if params else "no arguments")
+                          params=", ".join(params) if params else "none")
             situation = "first_call" if i == 0 else "next_call"
             out.append((draw(rng, situation, table, **fields), situation))
         situation = "end_turn" if calls else "nothing_to_call"
