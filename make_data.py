@@ -621,6 +621,8 @@ def main():
                  "bfcl_mt_train", "bfcl_mt_test"):
         if getattr(args, name) < 0:
             sys.exit(f"error: --{name.replace('_', '-')} must be at least 0, got {getattr(args, name)}")
+    if args.bfcl_mt_obs_cap < 1:
+        sys.exit(f"error: --bfcl-mt-obs-cap must be at least 1, got {args.bfcl_mt_obs_cap}")
     if args.import_eto:
         if args.import_split not in steps.SPLITS:
             sys.exit(f"error: --import-split {args.import_split!r} is not one of {', '.join(steps.SPLITS)}")
