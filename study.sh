@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The study on the embedded SmolLM2-135M-Instruct, about 3 hours on 2 CPU cores (measured stage by stage):
+# The study on the embedded SmolLM2-135M-Instruct, about 3 h 15 min on 2 CPU cores (measured stage by stage):
 # ALFWorld data with a searching expert -> the expert and random policies, the base model's probes ->
 # for k=0, then k=0.3 (same seed and data): LoRA SFT, rollouts of the last checkpoint (both modes,
 # in-domain and out-of-domain), probe and conflict probe of every k=0 checkpoint and the last k=0.3 one,
