@@ -123,6 +123,9 @@ def test_checkpoints_are_checked_before_any_is_used(tiny_model, small_data, tmp_
 
 def test_bad_inputs_fail_clearly(tiny_model, tmp_path):
     proc = run("evaluate.py", "--policy", "expert", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "o"), check=False)
+    assert proc.returncode != 0 and "none: no <env>_<split>.jsonl test files for --env all" in proc.stderr
+    proc = run("evaluate.py", "--policy", "expert", "--env", "alfworld", "--data", str(tmp_path / "none"),
+               "--out", str(tmp_path / "o"), check=False)
     assert proc.returncode != 0 and "none/alfworld_id_test.jsonl not found" in proc.stderr
     proc = run("evaluate.py", "--policy", "expert", "--env", "minecraft", "--out", str(tmp_path / "o"), check=False)
     assert proc.returncode != 0 and "unknown environment 'minecraft'" in proc.stderr
