@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole study, small, on the embedded SmolLM2-135M-Instruct: data -> train k=0 and k=0.3 -> probe,
-# conflicts, rollouts -> tables and figures in results/demo/report/. About 20 minutes on 2 CPU cores.
+# conflicts, rollouts -> tables and figures in results/demo/report/. 22 minutes on 2 CPU cores from a fresh
+# clone (2026-11-25, model conversion included).
 # Every stage resumes, so a rerun after a kill continues; SEED=1 bash demo.sh gives another seed.
 set -euo pipefail
 cd "$(dirname "$0")"
