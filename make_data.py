@@ -492,12 +492,12 @@ def build_env(name, rng, meta):
                  + pick(all_tasks, "id_test", 4 * args.sciworld_test_per_task, lambda t: t["task_type"], rng)
                  + pick(all_tasks, "ood_test", 4 * args.sciworld_test_per_task, lambda t: t["task_type"], rng))
     elif name == "bfcl_mt":
-        tasks = []
+        all_tasks, tasks = envs.bfcl_mt_tasks(), []
         for split, n in (("train", args.bfcl_mt_train), ("id_test", args.bfcl_mt_test), ("ood_test", args.bfcl_mt_test)):
-            group = [dict(t, obs_cap=args.bfcl_mt_obs_cap) for t in envs.bfcl_mt_tasks() if t["split"] == split]
+            group = [dict(t, obs_cap=args.bfcl_mt_obs_cap) for t in all_tasks if t["split"] == split]
             rng.shuffle(group)
             tasks += group[:n or None]
-        held = sum(t["split"] == "ood_test" for t in envs.bfcl_mt_tasks())
+        held = sum(t["split"] == "ood_test" for t in all_tasks)
         meta["bfcl_mt_split"] = {"base_entries": len(envs.bfcl_mt_entries(envs.BFCL_MT_ID)),
                                  "long_context_entries": len(envs.bfcl_mt_entries(envs.BFCL_MT_OOD)),
                                  "long_context_kept_as_ood": held, "id_test_frac": envs.BFCL_MT_TEST_FRAC}
