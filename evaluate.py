@@ -242,6 +242,7 @@ class HFPolicy:
     def __init__(self, model, tok):
         self.model, self.tok = model, tok
         self.cache = {}  # episode id -> its last prompt's KV cache (lm.prompt_cache)
+        self.opening = None  # an episode's first prompt: a new episode takes the system prompt from it
 
     def forget(self, key):
         self.cache.pop(key, None)
@@ -262,9 +263,11 @@ class HFPolicy:
                 branches.append({"row": i, "prefix": lm.encode_parts(self.tok, [prompts[i], thought_tag])[1],
                                  "max_new": args.max_thought_tokens, "stop": "action"})
                 keys.append((i, "cot"))
-        state = lm.encode_prompts(self.model, [e[0] for e in enc], self.tok.pad_token_id,
-                                  reuse=[self.cache.get(k) for k in keys_list])
+        reuse = [self.cache.get(k, self.opening) for k in keys_list]
+        state = lm.encode_prompts(self.model, [e[0] for e in enc], self.tok.pad_token_id, reuse=reuse)
         for r, k in enumerate(keys_list):
+            if k not in self.cache and self.opening is None:
+                self.opening = lm.prompt_cache(state, r)
             self.cache[k] = lm.prompt_cache(state, r)
         out = [{} for _ in wants]
         for (i, mode), res in zip(keys, lm.run_branches(self.model, self.tok, state, branches, args.max_rows)):

@@ -351,36 +351,63 @@ def _last_logits(model, ids, mask, pos, cache, keep):
     return model.get_output_embeddings()(picked).float()
 
 
-def encode_prompts(model, prompts, pad_id, reuse=None):
+def _common_len(seqs):
+    """Length of the longest token prefix all of seqs share."""
+    n, limit = 0, min(len(s) for s in seqs)
+    while n < limit and all(s[n] == seqs[0][n] for s in seqs):
+        n += 1
+    return n
+
+
+def _length_groups(lengths, slack=1.25, floor=16):
+    """Row indices grouped by similar length, longest first, so that a group's padded tokens
+    (rows x its longest) stay within `slack` times its real ones; rows of up to `floor` tokens never
+    start a group of their own (a pass that short is not worth its overhead)."""
+    order = sorted(range(len(lengths)), key=lambda r: -lengths[r])
+    groups = []
+    for r in order:
+        if groups:
+            g = groups[-1]
+            width = lengths[g[0]]
+            if width <= floor or width * (len(g) + 1) <= slack * (sum(lengths[i] for i in g) + lengths[r]):
+                g.append(r)
+                continue
+        groups.append([r])
+    return groups
+
+
+def encode_prompts(model, prompts, pad_id, reuse=None, share=True):
     """Run a batch of prompts (lists of token ids) once; the state every branch starts from.
 
     reuse: optional per prompt, the {"ids", "layers"} of an earlier prompt (see prompt_cache): the
     longest common token prefix is taken from it and only the rest is computed. An agent's prompt at
     step t+1 starts like its prompt at step t (system, task, first observation), so rollouts pay only
-    for the new turns. Cached prefixes are left-padded to a common width, new tokens right-padded
-    after them; pads are masked and position ids are explicit, so no row sees another's padding.
+    for the new turns. share: prompts with no reuse entry that start alike (the system prompt) run
+    that common prefix once, as one row, and take it from there. The new tokens run in groups of
+    rows of similar length, so a long prompt does not pad every short one to its width. Cached
+    prefixes are left-padded to a common width, new tokens right-padded after them; pads are masked
+    and position ids are explicit, so no row sees another's padding.
 
     Returns {"layers": [(keys, values)] per layer, batch rows = prompts, "mask": (B, W) attention
     mask, "next_pos": (B,) position id of each prompt's next token, "ids": the prompts, "reused": tokens
-    taken from the cache per prompt}.
+    taken from a cache per prompt}.
     """
     import torch
     from transformers import DynamicCache
     device = model.device
-    reuse = reuse or [None] * len(prompts)
-    common = []
-    for p, old in zip(prompts, reuse):
-        n = 0
-        if old is not None:
-            limit = min(len(p), len(old["ids"]))
-            while n < limit and p[n] == old["ids"][n]:
-                n += 1
-        common.append(n)
+    reuse = list(reuse or [None] * len(prompts))
+    fresh = [r for r, old in enumerate(reuse) if old is None]
+    if share and len(fresh) > 1:
+        n = _common_len([prompts[r] for r in fresh])
+        if n >= MIN_SHARED:
+            entry = prompt_cache(encode_prompts(model, [prompts[fresh[0]][:n]], pad_id, share=False), 0)
+            for r in fresh:
+                reuse[r] = entry
+    common = [_common_len([p, old["ids"]]) if old is not None else 0 for p, old in zip(prompts, reuse)]
     width_c, width_n = max(common), max(len(p) - c for p, c in zip(prompts, common))
     mask_c = torch.zeros((len(prompts), width_c), dtype=torch.long, device=device)
-    cache = DynamicCache()
+    layers = []
     if width_c:
-        layers = []
         n_layers = len(next(o for o in reuse if o is not None)["layers"])
         for layer in range(n_layers):
             k0, v0 = next(o for o in reuse if o is not None)["layers"][layer]
@@ -393,7 +420,6 @@ def encode_prompts(model, prompts, pad_id, reuse=None):
             layers.append((k, v))
         for r, c in enumerate(common):
             mask_c[r, width_c - c:] = 1
-        cache = DynamicCache(layers)
     ids = torch.full((len(prompts), width_n), pad_id, dtype=torch.long)
     mask_n = torch.zeros((len(prompts), width_n), dtype=torch.long)
     for r, (p, c) in enumerate(zip(prompts, common)):
@@ -403,9 +429,35 @@ def encode_prompts(model, prompts, pad_id, reuse=None):
     mask = torch.cat([mask_c, mask_n], 1)
     if width_n:
         pos = torch.tensor(common, device=device)[:, None] + torch.arange(width_n, device=device)[None]
-        with torch.no_grad():
-            model.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
-    return {"layers": _layers(cache), "mask": mask, "next_pos": mask.sum(1), "ids": [list(p) for p in prompts],
+        lengths = [len(p) - c for p, c in zip(prompts, common)]
+        busy = [r for r in range(len(prompts)) if lengths[r]]  # a row wholly taken from a cache computes nothing
+        groups = [[busy[i] for i in g] for g in _length_groups([lengths[r] for r in busy])]
+        if len(groups) == 1 and len(busy) == len(prompts):
+            cache = DynamicCache(layers) if layers else DynamicCache()
+            with torch.no_grad():
+                model.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+            layers = _layers(cache)
+        else:
+            full = None
+            for g in groups:
+                w = max(lengths[r] for r in g)
+                idx = torch.tensor(g, device=device)
+                cache = DynamicCache([(k.index_select(0, idx), v.index_select(0, idx)) for k, v in layers]) \
+                    if layers else DynamicCache()
+                with torch.no_grad():
+                    model.get_decoder()(input_ids=ids[idx, :w], attention_mask=mask[idx, :width_c + w],
+                                        position_ids=pos[idx, :w], past_key_values=cache, use_cache=True)
+                if full is None:  # per layer, keys and values of every row (pads stay zero and masked)
+                    full = []
+                    for j, kv in enumerate(_layers(cache)):
+                        fkv = tuple(t.new_zeros((len(prompts),) + t.shape[1:2] + (width_c + width_n,) + t.shape[3:]) for t in kv)
+                        if layers:  # the cached part of rows that compute nothing new
+                            fkv[0][:, :, :width_c], fkv[1][:, :, :width_c] = layers[j]
+                        full.append(fkv)
+                for (fk, fv), (k, v) in zip(full, _layers(cache)):
+                    fk[idx, :, :width_c + w], fv[idx, :, :width_c + w] = k, v
+            layers = full
+    return {"layers": layers, "mask": mask, "next_pos": mask.sum(1), "ids": [list(p) for p in prompts],
             "reused": common}
 
 

@@ -255,20 +255,29 @@ def probe_batch(model, tok, recs):
 def conflict_batch(model, tok, recs):
     """Prompt + conflicting trace + action tag: which action does the model write, and which does it prefer?"""
     prompts = [steps.render_prompt(tok, r["messages"]) for r in recs]
-    ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    lm.check_fits(model, [f"record {r['id']}" for r in recs],
-                  [len(i) + len(tok(thought_prefix(r["trace"]))["input_ids"]) for i, r in zip(ids, recs)],
+    ids, pre = zip(*(lm.encode_parts(tok, [p, thought_prefix(r["trace"])]) for p, r in zip(prompts, recs)))
+    lm.check_fits(model, [f"record {r['id']}" for r in recs], [len(i) + len(p) for i, p in zip(ids, pre)],
                   args.max_action_tokens, args.max_len)
-    state = lm.encode_prompts(model, ids, tok.pad_token_id)
-    branches = []
+    state = lm.encode_prompts(model, list(ids), tok.pad_token_id)
+    # The trace runs once per record (a second state, from the prompt's cache); the greedy action and
+    # the two scored actions branch from its last token. A tokenizer that merges the tag with an
+    # action gets that branch from the prompt state instead, with the whole trace as its prefix.
+    state_t = lm.encode_prompts(model, [i + p[:-1] for i, p in zip(ids, pre)], tok.pad_token_id,
+                                reuse=[lm.prompt_cache(state, r) for r in range(len(recs))])
+    branches = {"prompt": [], "trace": []}
+    where = []
     for i, rec in enumerate(recs):
-        prefix = thought_prefix(rec["trace"])
-        branches.append({"row": i, "prefix": lm.encode_parts(tok, [prompts[i], prefix])[1],
-                         "max_new": args.max_action_tokens, "stop": "line"})
+        branches["trace"].append({"row": i, "prefix": pre[i][-1:], "max_new": args.max_action_tokens, "stop": "line"})
+        where.append(("trace", len(branches["trace"]) - 1))
         for a in (rec["a1"], rec["a2"]):
-            p, t = lm.encode_parts(tok, [prompts[i], prefix, " " + a])[1:]
-            branches.append({"row": i, "prefix": p, "target": t})
-    res = lm.run_branches(model, tok, state, branches, args.max_rows)
+            p, t = lm.encode_parts(tok, [prompts[i], thought_prefix(rec["trace"]), " " + a])[1:]
+            ctx, b = ("trace", {"row": i, "prefix": p[-1:], "target": t}) if p == pre[i] else \
+                ("prompt", {"row": i, "prefix": p, "target": t})
+            branches[ctx].append(b)
+            where.append((ctx, len(branches[ctx]) - 1))
+    got = {ctx: lm.run_branches(model, tok, st, branches[ctx], args.max_rows) if branches[ctx] else []
+           for ctx, st in (("prompt", state), ("trace", state_t))}
+    res = [got[ctx][j] for ctx, j in where]
     out = []
     for i, rec in enumerate(recs):
         gen, l1, l2 = res[3 * i:3 * i + 3]

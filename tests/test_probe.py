@@ -73,12 +73,39 @@ def test_reused_prompt_prefix_gives_the_same_branches(tiny_model, small_data):
     nxt = [lm.encode_parts(tok, [steps.render_prompt(tok, b["messages"]), "Action:", " " + b["action"]]) for _, b in pairs]
     nxt.append(lm.encode_parts(tok, [steps.render_prompt(tok, recs[-1]["messages"]), "Action:", " " + recs[-1]["action"]]))
     reuse = [lm.prompt_cache(old, 0), lm.prompt_cache(old, 1), None]
-    fresh = lm.encode_prompts(model, [p[0] for p in nxt], tok.pad_token_id)
+    fresh = lm.encode_prompts(model, [p[0] for p in nxt], tok.pad_token_id, share=False)
     cached = lm.encode_prompts(model, [p[0] for p in nxt], tok.pad_token_id, reuse=reuse)
     assert min(cached["reused"][:2]) > 100 and cached["reused"][2] == 0 and fresh["reused"] == [0, 0, 0]
     branches = [{"row": i, "prefix": p[1], "target": p[2]} for i, p in enumerate(nxt)]
     branches += [{"row": i, "prefix": p[1], "max_new": 5, "stop": "line"} for i, p in enumerate(nxt)]
     a, b = lm.run_branches(model, tok, fresh, branches), lm.run_branches(model, tok, cached, branches)
+    for x, y in zip(a, b):
+        if "logprobs" in x:
+            assert x["logprobs"] == pytest.approx(y["logprobs"], abs=1e-4)
+        else:
+            assert x["ids"] == y["ids"]
+
+
+def test_shared_system_prompt_and_length_groups_give_the_same_branches(tiny_model, small_data, monkeypatch):
+    """encode_prompts runs the prompts' common prefix once and the rest in groups of similar length;
+    every branch must be what one padded pass over whole prompts gives."""
+    import torch
+    torch.set_num_threads(1)
+    tok = lm.load_tokenizer(tiny_model)
+    model = lm.load_model(tiny_model, None, "cpu", torch.float32)
+    recs = steps.read_steps(os.path.join(small_data[0], "alfworld_id_test.jsonl"))
+    recs = sorted(recs, key=lambda r: len(steps.render_prompt(tok, r["messages"])))
+    recs = recs[:2] + recs[-2:]  # the shortest and the longest prompts: more than one length group
+    parts = [lm.encode_parts(tok, [steps.render_prompt(tok, r["messages"]), "Action:", " " + r["action"]]) for r in recs]
+    prompts = [p[0] for p in parts]
+    assert len(lm._length_groups([len(p) - lm._common_len(prompts) for p in prompts])) > 1
+    fast = lm.encode_prompts(model, prompts, tok.pad_token_id)
+    assert fast["reused"] == [lm._common_len(prompts)] * 4 and fast["reused"][0] >= lm.MIN_SHARED
+    monkeypatch.setattr(lm, "_length_groups", lambda lengths, **kw: [list(range(len(lengths)))])
+    plain = lm.encode_prompts(model, prompts, tok.pad_token_id, share=False)
+    branches = [{"row": i, "prefix": p[1], "target": p[2]} for i, p in enumerate(parts)]
+    branches += [{"row": i, "prefix": p[1], "max_new": 5, "stop": "line"} for i, p in enumerate(parts)]
+    a, b = lm.run_branches(model, tok, plain, branches), lm.run_branches(model, tok, fast, branches)
     for x, y in zip(a, b):
         if "logprobs" in x:
             assert x["logprobs"] == pytest.approx(y["logprobs"], abs=1e-4)
