@@ -16,6 +16,8 @@ For every step record (make_data.py) and every checkpoint (train.py; the base mo
                   that lands on prompt / thought / other (tags, earlier action tokens) positions
 With --conflicts FILE (make_conflicts.py) it runs the conflict probe instead: prompt + a trace that
 argues for a2 + action tag; does the model follow the trace (a2), anchor on the prompt (a1), neither?
+With --conflicts FILE --conflicts-out DIR it runs both in one pass: a conflict made from a probed step
+branches from that step's prompt pass, so its prompt is not run twice.
 
 The prompt is run once per record; every quantity above is a branch from its KV cache (lm.py).
 
@@ -38,6 +40,8 @@ every metric with a bootstrap 95% interval as <metric>_lo/_hi), meta.json. One r
 
     python probe.py --checkpoints runs/k0.3_seed0 --data 'data/generated/*_test.jsonl' --out results/probe/k0.3_seed0
     python probe.py --model /tmp/tiny --no-base --checkpoints runs/tiny --max-records 4 --out /tmp/probe
+    python probe.py --checkpoints runs/k0_seed0 --data 'data/generated/*_test.jsonl' --conflicts conflicts.jsonl \
+        --conflicts-out results/conflicts/k0_seed0 --out results/probe/k0_seed0
 """
 import argparse
 import glob
@@ -56,7 +60,11 @@ parser.add_argument("--no-base", action="store_true", help="skip the base model 
 parser.add_argument("--data", nargs="+", default=["data/generated/*_id_test.jsonl", "data/generated/*_ood_test.jsonl"],
                     help="step JSONL files or globs (sorted)")
 parser.add_argument("--conflicts", default="", help="make_conflicts.py JSONL: run the conflict probe on it instead of --data")
-parser.add_argument("--max-records", type=int, default=0, help="per env x split, a seeded sample of this many records (0 = all)")
+parser.add_argument("--conflicts-out", default="", help="with --conflicts: run both probes in one pass, the step probe on --data "
+                                                      "into --out and the conflict probe into this folder (a conflict whose "
+                                                      "step is probed shares that step's prompt pass)")
+parser.add_argument("--max-records", type=int, default=0, help="per env x split, a seeded sample of this many records (0 = all); "
+                                                                "with --conflicts-out it samples the steps, and every conflict runs")
 # what to measure
 parser.add_argument("--max-action-tokens", type=int, default=64, help="greedy tokens for an action line")
 parser.add_argument("--max-thought-tokens", type=int, default=160, help="greedy tokens for reasoning + action in CoT mode")
@@ -106,8 +114,9 @@ def checkpoint_list():
     return out
 
 
-def load_records():
-    if args.conflicts:
+def load_records(kind):
+    """(records, files, ids sampled for attribution) of kind 'steps' (--data) or 'conflicts' (--conflicts)."""
+    if kind == "conflicts":
         files = [args.conflicts]
         numbered = steps.read_jsonl_lines(args.conflicts, required=("id", "step_id", "env", "split", "messages", "a1", "a2",
                                                                      "trace", "method"))
@@ -129,7 +138,10 @@ def load_records():
         fail(f"no records in {', '.join(files)}")
     rng = random.Random(f"attribution/{args.seed}")
     chosen, sampled = [], set()
-    for recs in steps.sample_per_split(records, args.max_records, args.seed).values():
+    # Run with the steps, every conflict runs: make_conflicts.py --max-per-split N made them from the steps
+    # that --max-records N samples, and a step can have several.
+    cap = 0 if kind == "conflicts" and args.conflicts_out else args.max_records
+    for recs in steps.sample_per_split(records, cap, args.seed).values():
         chosen += recs
         # The attribution sample is fixed by the seed, the same records for every checkpoint.
         k = min(args.attribution_samples, len(recs))
@@ -155,7 +167,8 @@ def thought_prefix(thought):
 # ----------------------------------------------------------------------------- the two probes
 
 def probe_batch(model, tok, recs):
-    """All step metrics of a batch of records: one prompt pass, then every quantity as a branch."""
+    """All step metrics of a batch of records: one prompt pass, then every quantity as a branch.
+    Returns (rows, the prompt state, for conflict_batch to branch from)."""
     thought_tag, action_tag = steps.tags()
     fracs = [float(x) for x in args.trunc_fracs.split(",")]
     prompts = [steps.render_prompt(tok, r["messages"]) for r in recs]
@@ -249,21 +262,26 @@ def probe_batch(model, tok, recs):
             row[f"trunc_ll_{pct}"] = ll(lp)[0]
             row[f"trunc_correct_{pct}"] = steps.same_action(steps.first_line(got[i, ("trunc_gen", f)]["text"]), ref)
         out.append(row)
-    return out
+    return out, state
 
 
-def conflict_batch(model, tok, recs):
-    """Prompt + conflicting trace + action tag: which action does the model write, and which does it prefer?"""
+def conflict_batch(model, tok, recs, shared=None):
+    """Prompt + conflicting trace + action tag: which action does the model write, and which does it prefer?
+    shared: (state, rows), a prompt state (probe_batch's) holding record i's prompt at row rows[i]; used
+    when every prompt's tokens are the same as there, else the prompts run here."""
     prompts = [steps.render_prompt(tok, r["messages"]) for r in recs]
     ids, pre = zip(*(lm.encode_parts(tok, [p, thought_prefix(r["trace"])]) for p, r in zip(prompts, recs)))
     lm.check_fits(model, [f"record {r['id']}" for r in recs], [len(i) + len(p) for i, p in zip(ids, pre)],
                   args.max_action_tokens, args.max_len)
-    state = lm.encode_prompts(model, list(ids), tok.pad_token_id)
+    if shared and all(i == shared[0]["ids"][r] for i, r in zip(ids, shared[1])):
+        state, rows = shared
+    else:
+        state, rows = lm.encode_prompts(model, list(ids), tok.pad_token_id), list(range(len(recs)))
     # The trace runs once per record (a second state, from the prompt's cache); the greedy action and
     # the two scored actions branch from its last token. A tokenizer that merges the tag with an
     # action gets that branch from the prompt state instead, with the whole trace as its prefix.
     state_t = lm.encode_prompts(model, [i + p[:-1] for i, p in zip(ids, pre)], tok.pad_token_id,
-                                reuse=[lm.prompt_cache(state, r) for r in range(len(recs))])
+                                reuse=[lm.prompt_cache(state, r) for r in rows])
     branches = {"prompt": [], "trace": []}
     where = []
     for i, rec in enumerate(recs):
@@ -272,7 +290,7 @@ def conflict_batch(model, tok, recs):
         for a in (rec["a1"], rec["a2"]):
             p, t = lm.encode_parts(tok, [prompts[i], thought_prefix(rec["trace"]), " " + a])[1:]
             ctx, b = ("trace", {"row": i, "prefix": p[-1:], "target": t}) if p == pre[i] else \
-                ("prompt", {"row": i, "prefix": p, "target": t})
+                ("prompt", {"row": rows[i], "prefix": p, "target": t})
             branches[ctx].append(b)
             where.append((ctx, len(branches[ctx]) - 1))
     got = {ctx: lm.run_branches(model, tok, st, branches[ctx], args.max_rows) if branches[ctx] else []
@@ -339,8 +357,17 @@ device, dtype = lm.pick_device(args.device)
 if args.dtype != "auto":
     dtype = getattr(torch, args.dtype)
 ckpts = checkpoint_list()
+if args.conflicts_out and not args.conflicts:
+    fail("--conflicts-out needs --conflicts")
+kinds = ["steps", "conflicts"] if args.conflicts_out else ["conflicts"] if args.conflicts else ["steps"]
+outs = {"steps": args.out, "conflicts": args.conflicts_out or args.out}
+if args.conflicts_out and os.path.abspath(args.conflicts_out) == os.path.abspath(args.out):
+    fail("--conflicts-out must be another folder than --out")
+records, files, attr_ids = {}, {}, set()
 try:
-    records, files, attr_ids = load_records()
+    for kind in kinds:
+        records[kind], files[kind], sampled = load_records(kind)
+        attr_ids |= sampled if kind == "steps" else set()
 except steps.DataError as e:
     fail(str(e))
 args.model = steps.base_model(args.model, [c for _, _, c in ckpts if c])
@@ -356,58 +383,87 @@ for name, _, ckpt in ckpts:
         if trained_on and os.path.abspath(trained_on) != os.path.abspath(model_path) and trained_on != args.model:
             fail(f"{ckpt} was trained on {trained_on}, not on --model {model_path}")
 
-os.makedirs(args.out, exist_ok=True)
-records_path = os.path.join(args.out, "records.jsonl")
-try:
-    done_recs = steps.read_done(records_path)
-except steps.DataError as e:
-    fail(str(e))
-done = {r["id"] for r in done_recs}
-mode = "conflicts" if args.conflicts else "steps"
-print(f"probe ({mode}) device {device} ({dtype}), model {model_path}, {len(ckpts)} checkpoint(s), "
-      f"{len(records)} records from {', '.join(files)}, {len(done)} already in {records_path}")
-steps.write_json_atomic(os.path.join(args.out, "meta.json"),
-                        {"args": vars(args), "model_path": model_path, "checkpoints": ckpts, "files": files,
-                         "device": device, "dtype": str(dtype)})
+done_recs, done, fouts = {}, {}, {}
+for kind in kinds:
+    os.makedirs(outs[kind], exist_ok=True)
+    try:
+        done_recs[kind] = steps.read_done(os.path.join(outs[kind], "records.jsonl"))
+    except steps.DataError as e:
+        fail(str(e))
+    done[kind] = {r["id"] for r in done_recs[kind]}
+    print(f"probe ({kind}) device {device} ({dtype}), model {model_path}, {len(ckpts)} checkpoint(s), "
+          f"{len(records[kind])} records from {', '.join(files[kind])}, {len(done[kind])} already in "
+          f"{os.path.join(outs[kind], 'records.jsonl')}")
+    steps.write_json_atomic(os.path.join(outs[kind], "meta.json"),
+                            {"args": vars(args), "model_path": model_path, "checkpoints": ckpts, "files": files[kind],
+                             "device": device, "dtype": str(dtype)})
+
+
+def write_rows(kind, batch, rows, name, step):
+    for rec, row in zip(batch, rows):
+        row.update(id=f"{name}/{rec['id']}", checkpoint=name, step=step)
+    steps.append_jsonl(fouts[kind], rows)
+    done_recs[kind].extend(rows)
+
+
 t0 = time.time()
-with open(records_path, "a") as fout:
-    for name, step, ckpt in ckpts:
-        todo = [r for r in records if f"{name}/{r['id']}" not in done]
-        if not todo:
-            continue
-        model = lm.load_model(model_path, ckpt, device, dtype)
-        for p in model.parameters():
-            p.requires_grad_(False)
-        todo.sort(key=lambda r: len(json.dumps(r["messages"])))  # similar prompt lengths share a batch
-        bar = tqdm(total=len(todo), desc=f"probe {name}", unit="rec")
-        for b in range(0, len(todo), args.batch_size):
-            batch = todo[b:b + args.batch_size]
-            try:
-                rows = conflict_batch(model, tok, batch) if args.conflicts else probe_batch(model, tok, batch)
-            except steps.ContextError as e:  # rows already written stay; a rerun with a fix continues
-                fail(str(e))
-            for rec, row in zip(batch, rows):
-                row.update(id=f"{name}/{rec['id']}", checkpoint=name, step=step)
-                if not args.conflicts:
+for kind in kinds:
+    fouts[kind] = open(os.path.join(outs[kind], "records.jsonl"), "a")
+for name, step, ckpt in ckpts:
+    todo = {kind: [r for r in records[kind] if f"{name}/{r['id']}" not in done[kind]] for kind in kinds}
+    if not any(todo.values()):
+        continue
+    model = lm.load_model(model_path, ckpt, device, dtype)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    # With both probes, a conflict runs with its step's batch, from the same prompt pass; the rest after.
+    by_step = {}
+    if len(kinds) == 2:
+        for c in todo["conflicts"]:
+            by_step.setdefault(c["step_id"], []).append(c)
+    try:
+        for kind in kinds:
+            if kind == "conflicts" and len(kinds) == 2:  # those whose step was not in this pass
+                todo[kind] = [c for cs in by_step.values() for c in cs]
+            todo[kind].sort(key=lambda r: len(json.dumps(r["messages"])))  # similar prompt lengths share a batch
+            bar = tqdm(total=len(todo[kind]), desc=f"probe {name} {kind}", unit="rec")
+            for b in range(0, len(todo[kind]), args.batch_size):
+                batch = todo[kind][b:b + args.batch_size]
+                if kind == "conflicts":
+                    write_rows(kind, batch, conflict_batch(model, tok, batch), name, step)
+                    bar.update(len(batch))
+                    continue
+                rows, state = probe_batch(model, tok, batch)
+                for rec, row in zip(batch, rows):
                     shares = attribution(model, tok, rec) if rec["id"] in attr_ids else {}
                     for g in ("prompt", "thought", "other"):
                         row[f"attn_{g}"], row[f"grad_{g}"] = shares.get(f"attn_{g}"), shares.get(f"grad_{g}")
-            steps.append_jsonl(fout, rows)
-            done_recs += rows
-            bar.update(len(batch))
-        bar.close()
-        del model
+                write_rows(kind, batch, rows, name, step)
+                pairs = [(c, i) for i, rec in enumerate(batch) for c in by_step.pop(rec["id"], [])]
+                if pairs:
+                    confs = [c for c, _ in pairs]
+                    write_rows("conflicts", confs, conflict_batch(model, tok, confs, shared=(state, [i for _, i in pairs])),
+                               name, step)
+                bar.update(len(batch))
+            bar.close()
+    except steps.ContextError as e:  # rows already written stay; a rerun with a fix continues
+        fail(str(e))
+    del model
+for f in fouts.values():
+    f.close()
 
-keys = ["checkpoint", "step", "env", "split"] + (["method"] if args.conflicts else [])
-metrics = CONFLICT_METRICS if args.conflicts else PROBE_METRICS + sorted(
-    {k for r in done_recs for k in r if k.startswith("trunc_")}, key=lambda k: (k.split("_")[1], int(k.split("_")[-1])))
-wanted = {f"{n}/{r['id']}" for n, _, _ in ckpts for r in records}
-rows = steps.summarize([r for r in done_recs if r["id"] in wanted], keys, metrics, seed=args.seed)
-rows.sort(key=lambda r: (r["step"], r["checkpoint"], r["env"], r["split"], r.get("method", "")))
-steps.write_jsonl_atomic(os.path.join(args.out, "summary.jsonl"), rows)
-steps.write_csv_atomic(os.path.join(args.out, "summary.csv"), rows)
-headline = ("follows", "anchors") if args.conflicts else ("prompt_correct", "cot_correct", "consistent")
-for row in rows:
-    print(f"{row['checkpoint']:>32} {row['env']:>12} {row['split']:>8} n={row['n']:4d} " +
-          " ".join(f"{m} {row[m]:.3f}" for m in headline if row[m] is not None))
-print(f"probe done: {len(rows)} summary rows, {time.time() - t0:.1f}s, {os.path.join(args.out, 'summary.csv')}")
+for kind in kinds:
+    conflicts = kind == "conflicts"
+    keys = ["checkpoint", "step", "env", "split"] + (["method"] if conflicts else [])
+    metrics = CONFLICT_METRICS if conflicts else PROBE_METRICS + sorted(
+        {k for r in done_recs[kind] for k in r if k.startswith("trunc_")}, key=lambda k: (k.split("_")[1], int(k.split("_")[-1])))
+    wanted = {f"{n}/{r['id']}" for n, _, _ in ckpts for r in records[kind]}
+    rows = steps.summarize([r for r in done_recs[kind] if r["id"] in wanted], keys, metrics, seed=args.seed)
+    rows.sort(key=lambda r: (r["step"], r["checkpoint"], r["env"], r["split"], r.get("method", "")))
+    steps.write_jsonl_atomic(os.path.join(outs[kind], "summary.jsonl"), rows)
+    steps.write_csv_atomic(os.path.join(outs[kind], "summary.csv"), rows)
+    headline = ("follows", "anchors") if conflicts else ("prompt_correct", "cot_correct", "consistent")
+    for row in rows:
+        print(f"{row['checkpoint']:>32} {row['env']:>12} {row['split']:>8} n={row['n']:4d} " +
+              " ".join(f"{m} {row[m]:.3f}" for m in headline if row[m] is not None))
+    print(f"probe done ({kind}): {len(rows)} summary rows, {time.time() - t0:.1f}s, {os.path.join(outs[kind], 'summary.csv')}")

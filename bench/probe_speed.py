@@ -49,7 +49,7 @@ if args.checkpoint:
 proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
 if proc.returncode:
     sys.exit(f"probe.py failed:\n{proc.stderr[-3000:]}")
-probe_s = float(re.search(r"probe done: .*?, ([\d.]+)s", proc.stdout).group(1))
+probe_s = float(re.search(r"probe done \(steps\): .*?, ([\d.]+)s", proc.stdout).group(1))
 with open(os.path.join(out, "records.jsonl")) as f:
     fast = {r["record_id"]: r for r in map(json.loads, f)}
 records = {r["id"]: r for path in args.data for r in steps.read_steps(path) if r["id"] in fast}

@@ -211,6 +211,36 @@ def test_conflict_probe(tiny_model, small_data, tmp_path):
     assert all(s["follows"] + s["anchors"] + s["neither"] == pytest.approx(1) for s in summary)
 
 
+def test_steps_and_conflicts_in_one_pass_match_separate_runs(tiny_model, small_data, tmp_path):
+    """--conflicts-out: a conflict whose step is probed branches from that step's prompt pass, the
+    others run after; every record must equal what the two separate runs write."""
+    d = small_data[0]
+    conflicts = tmp_path / "c.jsonl"
+    run("make_conflicts.py", "--data", f"{d}/alfworld_id_test.jsonl", "--pool", f"{d}/*_train.jsonl",
+        "--max-per-split", "3", "--out", str(conflicts))
+    steps_args = ["--data", f"{d}/alfworld_id_test.jsonl", "--max-records", "2", "--attribution-samples", "0"]
+    run("probe.py", "--model", tiny_model, *steps_args, "--out", str(tmp_path / "s"), *FAST)
+    run("probe.py", "--model", tiny_model, "--conflicts", str(conflicts), "--out", str(tmp_path / "c"), *FAST)
+    proc = run("probe.py", "--model", tiny_model, *steps_args, "--conflicts", str(conflicts), "--conflicts-out",
+               str(tmp_path / "bc"), "--out", str(tmp_path / "bs"), *FAST)
+    assert "probe done (steps)" in proc.stdout and "probe done (conflicts)" in proc.stdout
+    for alone, both in (("s", "bs"), ("c", "bc")):
+        a = {r["id"]: r for r in read(tmp_path / alone / "records.jsonl")}
+        b = {r["id"]: r for r in read(tmp_path / both / "records.jsonl")}
+        assert set(a) == set(b) and len(a) == (2 if alone == "s" else 6)
+        for key, row in a.items():
+            for field, value in row.items():
+                assert b[key][field] == (pytest.approx(value, abs=1e-4) if isinstance(value, float) else value), field
+    probed = {r["record_id"] for r in read(tmp_path / "bs" / "records.jsonl")}
+    assert 0 < sum(r["step_id"] in probed for r in read(tmp_path / "bc" / "records.jsonl")) < 6  # both paths ran
+    again = run("probe.py", "--model", tiny_model, *steps_args, "--conflicts", str(conflicts), "--conflicts-out",
+                str(tmp_path / "bc"), "--out", str(tmp_path / "bs"), *FAST)
+    assert "2 already in" in again.stdout and "6 already in" in again.stdout
+    assert len(read(tmp_path / "bc" / "records.jsonl")) == 6
+    bad = run("probe.py", "--model", tiny_model, *steps_args, "--conflicts-out", str(tmp_path / "x"), check=False)
+    assert bad.returncode != 0 and bad.stderr.strip().endswith("--conflicts-out needs --conflicts")
+
+
 def test_bad_inputs_fail_clearly(tiny_model, small_data, tmp_path):
     proc = run("probe.py", "--model", tiny_model, "--checkpoints", str(tmp_path / "nope"), "--out", str(tmp_path / "p"), check=False)
     assert proc.returncode != 0 and "checkpoint folder not found" in proc.stderr
