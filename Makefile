@@ -3,7 +3,7 @@
 #   make data    the default step JSONL for all four environments (data/generated/)
 #   make test    the test suite (tiny random model, real environments; CI runs this)
 #   make demo    the whole study, small, on the embedded SmolLM2-135M (22 min on 2 CPU cores from a fresh clone, measured)
-#   make study   the study on ALFWorld, ~3 h 15 min on 2 CPU cores (study.sh; resumes after a kill)
+#   make study   the study on ALFWorld, sized for 2 hours on 2 CPU cores (study.sh; resumes after a kill)
 #   make test-slow   end-to-end tests on the real embedded model (minutes)
 #   make bench-deps  TRL, only for bench/train_speed.py
 #   make gpu-check   the CUDA path end to end on a random-weight Qwen3-style model (bench/gpu_check.py)

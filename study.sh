@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The study on the embedded SmolLM2-135M-Instruct, about 3 h 15 min on 2 CPU cores (measured stage by stage):
+# The study on the embedded SmolLM2-135M-Instruct, sized for 2 hours on 2 CPU cores (README, Results):
 # ALFWorld data with a searching expert -> the expert and random policies, the base model's probes ->
 # for k=0, then k=0.3 (same seed and data): LoRA SFT, rollouts of the last checkpoint (both modes,
-# in-domain and out-of-domain), probe and conflict probe of every k=0 checkpoint and the last k=0.3 one,
-# on the same steps -> report (results/study/report/). A run is finished before the next one starts,
+# in-domain and out-of-domain), probe and conflict probe (one pass) of every k=0 checkpoint on the same
+# steps (PROBE_LAST=1: the last checkpoint of the later runs too, about 8 min each) -> report
+# (results/study/report/). A run is finished before the next one starts,
 # so a study cut short still has whole runs. Every stage resumes: rerunning the same command after a kill
 # continues where it stopped. Each stage's wall time and peak RSS go to $OUT/stages.tsv.
 #   bash study.sh                        (what `make study` runs)
@@ -20,7 +21,9 @@ EPOCHS=${EPOCHS:-1}
 BATCH=${BATCH:-8}
 TRAIN_ARGS=${TRAIN_ARGS:-"--lr 1e-3 --lora-r 16 --lora-alpha 32 --share-prefix"}
 EPISODES=${EPISODES:-64}            # rollouts per split, mode and run (the data has 64 in-domain, 32 out-of-domain)
-STEP_FACTOR=${STEP_FACTOR:-3}       # a rollout may take 3x the expert's steps
+STEP_FACTOR=${STEP_FACTOR:-2}       # a rollout may take 2x the expert's steps
+NUM_ENVS=${NUM_ENVS:-32}            # rollouts decoded together
+PROBE_LAST=${PROBE_LAST:-0}         # 1: also probe the last checkpoint of the runs after the first
 RECORDS=${RECORDS:-100}             # probe and conflict records per split
 mkdir -p "$OUT"
 stage() { printf '\n== [%s] %s\n' "$(date +%H:%M:%S)" "$*"; }
@@ -52,12 +55,11 @@ stage "3/7 conflicts: a valid different action a2 and a trace for it, on the pro
 # keeps 3 points of the truncation curve; probe.py's defaults measure both in full.
 PROBE_ARGS="--max-records $RECORDS --attribution-samples 16 --max-thought-tokens 80 --no-candidates --trunc-fracs 0,0.5,1 \
 --batch-size 16 --max-rows 64 --seed $SEED --threads $THREADS"
-CONFLICT_ARGS="--batch-size 16 --max-rows 64 --seed $SEED --threads $THREADS"
+# Each probe stage runs the conflict probe in the same pass: a conflict shares its step's prompt pass.
 stage "4/7 probe and conflict probe of the base model on $RECORDS in-domain + $RECORDS out-of-domain steps"
 # shellcheck disable=SC2086
-timed probe_base $PY probe.py --data "$DATA/alfworld_id_test.jsonl" "$DATA/alfworld_ood_test.jsonl" $PROBE_ARGS --out "$OUT/probe/base"
-# shellcheck disable=SC2086
-timed conflicts_base $PY probe.py --conflicts "$OUT/conflicts.jsonl" $CONFLICT_ARGS --out "$OUT/conflicts/base"
+timed probe_base $PY probe.py --data "$DATA/alfworld_id_test.jsonl" "$DATA/alfworld_ood_test.jsonl" $PROBE_ARGS \
+  --conflicts "$OUT/conflicts.jsonl" --conflicts-out "$OUT/conflicts/base" --out "$OUT/probe/base"
 
 FIRST_K=${KS%% *}
 for K in $KS; do
@@ -72,17 +74,19 @@ for K in $KS; do
   fi
   stage "6/7 k=$K: rollouts of the last checkpoint (up to $EPISODES in-domain and out-of-domain episodes per mode), probes"
   timed "eval_k$K" $PY evaluate.py --adapter "$RUN" --data "$DATA" --env alfworld --mode both --no-log-both --max-episodes "$EPISODES" \
-    --max-steps-factor "$STEP_FACTOR" --max-thought-tokens 96 --num-envs 16 --seed "$SEED" --threads "$THREADS" \
-    --out "$OUT/eval/k${K}_seed$SEED"
-  # The training dynamics come from the first run's checkpoints; the other runs are compared at their end.
+    --max-steps-factor "$STEP_FACTOR" --max-thought-tokens 96 --num-envs "$NUM_ENVS" --max-rows "$NUM_ENVS" --seed "$SEED" \
+    --threads "$THREADS" --out "$OUT/eval/k${K}_seed$SEED"
+  # The training dynamics come from the first run's checkpoints; the other runs are compared online
+  # (rollouts), and with PROBE_LAST=1 by their last checkpoint's probes too.
   CKPTS=$RUN
-  [ "$K" = "$FIRST_K" ] || CKPTS=$(ls -d "$RUN"/checkpoint-* | tail -1)
+  if [ "$K" != "$FIRST_K" ]; then
+    [ "$PROBE_LAST" = 1 ] || continue
+    CKPTS=$(ls -d "$RUN"/checkpoint-* | tail -1)
+  fi
   # shellcheck disable=SC2086
   timed "probe_k$K" $PY probe.py --no-base --checkpoints "$CKPTS" --data "$DATA/alfworld_id_test.jsonl" \
-    "$DATA/alfworld_ood_test.jsonl" $PROBE_ARGS --out "$OUT/probe/k${K}_seed$SEED"
-  # shellcheck disable=SC2086
-  timed "conflicts_k$K" $PY probe.py --no-base --checkpoints "$CKPTS" --conflicts "$OUT/conflicts.jsonl" $CONFLICT_ARGS \
-    --out "$OUT/conflicts/k${K}_seed$SEED"
+    "$DATA/alfworld_ood_test.jsonl" $PROBE_ARGS --conflicts "$OUT/conflicts.jsonl" \
+    --conflicts-out "$OUT/conflicts/k${K}_seed$SEED" --out "$OUT/probe/k${K}_seed$SEED"
 done
 
 stage "7/7 report: tables and figures"
