@@ -481,6 +481,17 @@ def parse_mt_action(text, sigs):
 class BfclMultiTurn(ClosingEnv):
     """One multi-turn BFCL entry per episode, on BFCL's own backends, executor and checker.
 
+    An action is a call list `[f(a=1), g(b='x')]`; the observation is each call's result,
+    `f(a=1) -> {...}`, cut at the task's obs_cap characters (the cut said in the text); `[]` ends the
+    user's turn and their next message follows (`User: ...`). The episode is won when BFCL's multi-turn
+    checker passes on all turns; score is the share of leading turns that pass.
+
+    Model text never reaches the executor, which eval()s what it gets: an action is parsed with ast;
+    only functions offered in this entry, called by bare name with literal arguments, pass; each call is
+    bound to the backend method's signature and rendered again, keywords only (positional ground-truth
+    arguments are mapped the same way). Anything else is an invalid action with an `Error: ...`
+    observation, and nothing runs.
+
     BFCL's executor keeps backend instances in its module's globals under (model name, entry id) and
     never frees them; every episode here uses names of its own and deletes its instances on reset and
     close, so no state leaks from one episode into the next."""

@@ -300,12 +300,17 @@ if episodes:
     axes[1].legend(fontsize=8)
     fig.suptitle("Online success by acting mode (last checkpoint of each run)", y=1.02)
     save(fig, "online", rows)
+    floor = {r["split"]: r for r in rows if r["mode"] == "random"}
     for row in rows:
         row["won_wilson"] = f"[{row['won_wilson_lo']:.2f}, {row['won_wilson_hi']:.2f}]"
-    md += ["## Online rollouts (last checkpoint of each run)", "", md_table(rows, [
+        rnd = floor.get(row["split"])  # is this policy's success above the random policy's on the same split?
+        row["p_vs_random"] = "" if rnd is None or row["mode"] in ("random", "expert") else "%.3f" % steps.fisher_greater(
+            round(row["won"] * row["n"]), row["n"], round(rnd["won"] * rnd["n"]), rnd["n"])
+    md += ["## Online rollouts (last checkpoint of each run)", "", "p vs random: one-sided Fisher exact test that "
+           "the success rate is above the random policy's on the same split.", "", md_table(rows, [
         ("model", "k_label"), ("split", "split"), ("mode", "mode"), ("n", "n"), ("success [bootstrap]", "won"),
-        ("success Wilson 95%", "won_wilson"), ("score", "score"), ("prompt-CoT agreement", "agreement"),
-        ("invalid actions", "invalid_rate")]), ""]
+        ("success Wilson 95%", "won_wilson"), ("p vs random", "p_vs_random"), ("score", "score"),
+        ("prompt-CoT agreement", "agreement"), ("invalid actions", "invalid_rate")]), ""]
     # The paper's relative advantage: CoT minus prompt success, paired task by task.
     pairs = {}
     for r in final:

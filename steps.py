@@ -12,6 +12,7 @@ only (plus file I/O helpers), the way nanoGPT shares only model.py.
 import functools
 import glob
 import json
+import math
 import os
 import random
 import re
@@ -462,6 +463,14 @@ def wilson(successes, n, z=1.96):
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / (1 + z * z / n)
     return round(max(0.0, centre - half), 4), round(min(1.0, centre + half), 4)
+
+
+def fisher_greater(a, n_a, b, n_b):
+    """One-sided Fisher exact p-value that a/n_a is above b/n_b: the probability, with the margins fixed,
+    of a or more of the a + b successes falling in the first group (hypergeometric tail)."""
+    k, total = a + b, n_a + n_b
+    tail = sum(math.comb(n_a, i) * math.comb(n_b, k - i) for i in range(a, min(n_a, k) + 1))
+    return tail / math.comb(total, k)
 
 
 def summarize(records, keys, metrics, seed=0):
