@@ -169,9 +169,7 @@ def shared_prefixes(examples, batch):
     for members in by_episode.values():
         seqs = [examples[i]["ids"] for i in members]
         limit = min(next(t for t, k in enumerate(examples[i]["kinds"]) if k != PROMPT) - 1 for i in members)
-        common = 0
-        while common < limit and all(s[common] == seqs[0][common] for s in seqs):
-            common += 1
+        common = min(_common_len(seqs), limit)
         if len(members) > 1 and common >= MIN_SHARED:
             shared.append((common, members))
         else:

@@ -56,6 +56,17 @@ def test_branches_match_a_full_forward_and_generate(tiny_model, small_data):
         assert tok.decode(got[3 + i]["ids"], skip_special_tokens=True) == text
 
 
+def assert_same_branches(model, tok, parts, state_a, state_b):
+    """Scoring and greedy branches of (prompt, prefix, target) parts give the same answers from both states."""
+    branches = [{"row": i, "prefix": p[1], "target": p[2]} for i, p in enumerate(parts)]
+    branches += [{"row": i, "prefix": p[1], "max_new": 5, "stop": "line"} for i, p in enumerate(parts)]
+    for x, y in zip(lm.run_branches(model, tok, state_a, branches), lm.run_branches(model, tok, state_b, branches)):
+        if "logprobs" in x:
+            assert x["logprobs"] == pytest.approx(y["logprobs"], abs=1e-4)
+        else:
+            assert x["ids"] == y["ids"]
+
+
 def test_reused_prompt_prefix_gives_the_same_branches(tiny_model, small_data):
     """evaluate.py reuses each agent's previous prompt cache; the answers must not change."""
     import torch
@@ -76,14 +87,7 @@ def test_reused_prompt_prefix_gives_the_same_branches(tiny_model, small_data):
     fresh = lm.encode_prompts(model, [p[0] for p in nxt], tok.pad_token_id, share=False)
     cached = lm.encode_prompts(model, [p[0] for p in nxt], tok.pad_token_id, reuse=reuse)
     assert min(cached["reused"][:2]) > 100 and cached["reused"][2] == 0 and fresh["reused"] == [0, 0, 0]
-    branches = [{"row": i, "prefix": p[1], "target": p[2]} for i, p in enumerate(nxt)]
-    branches += [{"row": i, "prefix": p[1], "max_new": 5, "stop": "line"} for i, p in enumerate(nxt)]
-    a, b = lm.run_branches(model, tok, fresh, branches), lm.run_branches(model, tok, cached, branches)
-    for x, y in zip(a, b):
-        if "logprobs" in x:
-            assert x["logprobs"] == pytest.approx(y["logprobs"], abs=1e-4)
-        else:
-            assert x["ids"] == y["ids"]
+    assert_same_branches(model, tok, nxt, fresh, cached)
 
 
 def test_shared_system_prompt_and_length_groups_give_the_same_branches(tiny_model, small_data, monkeypatch):
@@ -103,14 +107,7 @@ def test_shared_system_prompt_and_length_groups_give_the_same_branches(tiny_mode
     assert fast["reused"] == [lm._common_len(prompts)] * 4 and fast["reused"][0] >= lm.MIN_SHARED
     monkeypatch.setattr(lm, "_length_groups", lambda lengths, **kw: [list(range(len(lengths)))])
     plain = lm.encode_prompts(model, prompts, tok.pad_token_id, share=False)
-    branches = [{"row": i, "prefix": p[1], "target": p[2]} for i, p in enumerate(parts)]
-    branches += [{"row": i, "prefix": p[1], "max_new": 5, "stop": "line"} for i, p in enumerate(parts)]
-    a, b = lm.run_branches(model, tok, plain, branches), lm.run_branches(model, tok, fast, branches)
-    for x, y in zip(a, b):
-        if "logprobs" in x:
-            assert x["logprobs"] == pytest.approx(y["logprobs"], abs=1e-4)
-        else:
-            assert x["ids"] == y["ids"]
+    assert_same_branches(model, tok, parts, plain, fast)
 
 
 def test_probe_known_answers(tiny_model, memorized, tmp_path):
