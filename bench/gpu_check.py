@@ -9,7 +9,9 @@ the embedded SmolLM2 tokenizer; then, on --device:
      happens."), since a GPU machine may lack the environments' packages;
   4. with CUDA: greedy texts and log-likelihoods of a tiny random model on CUDA fp32 against the CPU;
   5. prints training tokens/s and MFU (6 x parameters x tokens/s over the GPU's dense bf16 peak, or the
-     measured matmul peak on CPU), and greedy decode tokens/s at batch 1, 8 and 32.
+     measured matmul peak on CPU), one kernel launch's cost, and greedy decode tokens/s at batch 1, 8
+     and 32 against transformers' generate at batch 1; --profile adds torch.profiler's table of both.
+--stages picks stages; --micro-batch-tokens 512,16384 trains once per value (train.py's micro-batching).
 Exits non-zero if any stage fails or CUDA disagrees with the CPU. Needs only the repository, torch,
 transformers and peft. A machine without the embedded model gets the tokenizer folder and a step file
 carried along (a few MB; make them here with make_data.py and
@@ -17,6 +19,9 @@ carried along (a few MB; make them here with make_data.py and
 
     python bench/gpu_check.py --tokenizer cache/tokenizer       # on a GPU machine: Qwen3-style ~0.6B
     python bench/gpu_check.py --device cpu --size tiny --steps 2  # the CPU smoke test (tests/test_gpu_check.py)
+    python bench/gpu_check.py --tokenizer cache/tokenizer --stages train,speed --micro-batch-tokens 512,16384 --profile
+
+On an NVIDIA H200 (2026-11-26) every stage passed; its figures and profiles are in bench/README.md.
 """
 import argparse
 import json
@@ -38,6 +43,12 @@ parser.add_argument("--data", default="data/study/alfworld_train.jsonl", help="s
 parser.add_argument("--steps", type=int, default=20, help="training steps per train.py run")
 parser.add_argument("--batch-size", type=int, default=16, help="training batch size")
 parser.add_argument("--records", type=int, default=4, help="probe records and replayed episodes")
+parser.add_argument("--micro-batch-tokens", default="512",
+                    help="train.py's --micro-batch-tokens; a comma list trains once per value and prints each one's speed")
+parser.add_argument("--stages", default="train,torchrun,probe,eval,cpu,speed",
+                    help="comma list of the stages to run (train is needed by torchrun's speed line, probe and eval)")
+parser.add_argument("--profile", action="store_true",
+                    help="also print torch.profiler's table of 16 greedy tokens at batch 1, lm.run_branches then generate")
 parser.add_argument("--out", default="", help="work folder (default: a temp folder)")
 parser.add_argument("--replay-worker", default="", help=argparse.SUPPRESS)
 args = parser.parse_args()
@@ -81,7 +92,7 @@ import torch  # noqa: E402
 import lm  # noqa: E402
 import steps  # noqa: E402
 
-device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+device = lm.pick_device(args.device)[0]  # also the CUDA attention settings the scripts use
 work = args.out or tempfile.mkdtemp(prefix="gpu_check_")
 os.makedirs(work, exist_ok=True)
 failures = []
@@ -142,21 +153,32 @@ for tid in few:  # the game files are never opened by the replay worker; evaluat
 
 # ----------------------------------------------------------------------------- 1-3: the scripts on the device
 
+stages = set(args.stages.split(","))
 common = ["--model", model_dir, "--data", data, "--max-steps", str(args.steps), "--batch-size", str(args.batch_size),
           "--device", device, "--log-every", str(args.steps), "--share-prefix"]
-seconds, out = sh("train.py", [sys.executable, "train.py", *common, "--out", os.path.join(work, "run")])
-m = re.search(r"([\d.]+) tok/s .*peak RSS ([\d.]+) GB", out)
-train_tok_s = float(m.group(1)) if m else None
-sh("torchrun --nproc_per_node 1 train.py", [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "train.py",
-                                            *common, "--out", os.path.join(work, "run_torchrun")], env={"OMP_NUM_THREADS": "4"})
-sh("probe.py", [sys.executable, "probe.py", "--model", model_dir, "--checkpoints", os.path.join(work, "run"), "--data",
-                os.path.join(test, "alfworld_id_test.jsonl"), "--max-records", str(args.records), "--device", device,
-                "--dtype", "float32", "--out", os.path.join(work, "probe")])
-sh("evaluate.py --backend hf", [sys.executable, "evaluate.py", "--model", model_dir, "--adapter", os.path.join(work, "run"),
-                                "--data", test, "--env", "alfworld", "--split", "id_test", "--max-steps", "4",
-                                "--max-thought-tokens", "32", "--num-envs", str(args.records), "--device", device,
-                                "--worker-cmd", f"{sys.executable} {os.path.abspath(__file__)} --replay-worker {data}",
-                                "--out", os.path.join(work, "eval")])
+train_tok_s = {}  # --micro-batch-tokens -> training tokens/s
+for i, mbt in enumerate(args.micro_batch_tokens.split(",") if "train" in stages else []):
+    out_dir = os.path.join(work, "run" if i == 0 else f"run_mbt{mbt}")  # the first value's run is probed and replayed
+    seconds, out = sh(f"train.py --micro-batch-tokens {mbt}",
+                      [sys.executable, "train.py", *common, "--micro-batch-tokens", mbt, "--out", out_dir])
+    m = re.search(r"([\d.]+) tok/s .*peak RSS ([\d.]+) GB", out)
+    if m:
+        train_tok_s[mbt] = float(m.group(1))
+common += ["--micro-batch-tokens", args.micro_batch_tokens.split(",")[0]]
+if "torchrun" in stages:
+    sh("torchrun --nproc_per_node 1 train.py", [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1",
+                                                "train.py", *common, "--out", os.path.join(work, "run_torchrun")],
+       env={"OMP_NUM_THREADS": "4"})
+if "probe" in stages:
+    sh("probe.py", [sys.executable, "probe.py", "--model", model_dir, "--checkpoints", os.path.join(work, "run"), "--data",
+                    os.path.join(test, "alfworld_id_test.jsonl"), "--max-records", str(args.records), "--device", device,
+                    "--dtype", "float32", "--out", os.path.join(work, "probe")])
+if "eval" in stages:
+    sh("evaluate.py --backend hf", [sys.executable, "evaluate.py", "--model", model_dir, "--adapter", os.path.join(work, "run"),
+                                    "--data", test, "--env", "alfworld", "--split", "id_test", "--max-steps", "4",
+                                    "--max-thought-tokens", "32", "--num-envs", str(args.records), "--device", device,
+                                    "--worker-cmd", f"{sys.executable} {os.path.abspath(__file__)} --replay-worker {data}",
+                                    "--out", os.path.join(work, "eval")])
 
 # ----------------------------------------------------------------------------- 4: CUDA fp32 against the CPU
 
@@ -173,7 +195,7 @@ def greedy_and_ll(model, prompts, targets):
 recs = [r for r in records if r["task_id"] in few][:args.records]
 prompts = [tok(steps.render_prompt(tok, r["messages"]), add_special_tokens=False)["input_ids"] for r in recs]
 targets = [tok(" " + r["action"], add_special_tokens=False)["input_ids"] for r in recs]
-if device.startswith("cuda"):
+if device.startswith("cuda") and "cpu" in stages:
     from transformers import AutoModelForCausalLM
     tiny_dir = os.path.join(work, "qwen3_style_tiny")
     build_model(tiny_dir, "tiny", tok)
@@ -210,11 +232,33 @@ if peak is None:  # an unlisted GPU: measure its bf16 matmul instead
         a @ a
     torch.cuda.synchronize()
     peak, peak_name = 2 * 8192 ** 3 * reps / (time.time() - t0), "measured bf16 matmul peak"
-if train_tok_s:
-    print(f"train.py: {train_tok_s:.0f} tok/s, MFU {6 * n_params * train_tok_s / peak:.3f} ({peak_name}; 6 x parameters x tokens, "
-          f"LoRA r=16, batch {args.batch_size}, --share-prefix counts the examples' tokens)")
+for mbt, tok_s in train_tok_s.items():
+    print(f"train.py --micro-batch-tokens {mbt}: {tok_s:.0f} tok/s, MFU {6 * n_params * tok_s / peak:.3f} ({peak_name}; "
+          f"6 x parameters x tokens, LoRA r=16, batch {args.batch_size}, --share-prefix counts the examples' tokens)")
+if "speed" not in stages:
+    print(f"gpu_check done: {'all stages ok' if not failures else 'FAILED: ' + ', '.join(failures)} (work folder {work})")
+    sys.exit(1 if failures else 0)
 from transformers import AutoModelForCausalLM  # noqa: E402
+if device.startswith("cuda"):  # the fixed cost of one kernel launch bounds any launch-bound loop (decode at batch 1)
+    x = torch.zeros(16, device=device)
+    for reps in (100, 2000):
+        torch.cuda.synchronize()
+        t0 = time.time()
+        for _ in range(reps):
+            x.add_(1)
+        torch.cuda.synchronize()
+    print(f"kernel launch: {(time.time() - t0) / reps * 1e6:.1f} us each (tiny add_, {reps} in a row)")
 model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+ids = torch.tensor([prompts[0]], device=device)
+for reps in range(2):  # the baseline: transformers' own greedy generate at batch 1, a warm-up first
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    t0 = time.time()
+    model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=64, min_new_tokens=64, do_sample=False,
+                   pad_token_id=tok.pad_token_id)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+print(f"baseline: transformers generate, batch  1: {64 / (time.time() - t0):8.1f} tok/s")
 for batch in (1, 8, 32):
     rows = (prompts * batch)[:batch]
     state = lm.encode_prompts(model, rows, tok.pad_token_id)
@@ -227,5 +271,19 @@ for batch in (1, 8, 32):
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     print(f"decode batch {batch:2d}: {batch * 64 / (time.time() - t0):8.1f} tok/s ({dtype}, prompts of ~{len(rows[0])} tokens)")
+if args.profile:
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    thought = tok(" Thought:", add_special_tokens=False)["input_ids"]
+    for name in ("lm.run_branches", "transformers generate"):
+        state = lm.encode_prompts(model, prompts[:1], tok.pad_token_id)
+        with profile(activities=activities) as prof:
+            if name == "lm.run_branches":
+                lm.run_branches(model, tok, state, [{"row": 0, "prefix": thought, "max_new": 16, "stop": "never"}])
+            else:
+                model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, min_new_tokens=16,
+                               do_sample=False, pad_token_id=tok.pad_token_id)
+        print(f"profile of 16 greedy tokens at batch 1, {name}:")
+        print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=18, max_name_column_width=50))
 print(f"gpu_check done: {'all stages ok' if not failures else 'FAILED: ' + ', '.join(failures)} (work folder {work})")
 sys.exit(1 if failures else 0)
