@@ -2,6 +2,8 @@
 import json
 import os
 import re
+import shutil
+import warnings
 
 import pytest
 
@@ -186,10 +188,19 @@ def test_two_gloo_processes_match_one(tiny_model, small_data, tmp_path):
     common = ["--model", tiny_model, "--data", f"{small_data[0]}/alfworld_train.jsonl", "--max-steps", "2",
               "--batch-size", "5", "--lora-dropout", "0", "--threads", "1"]
     run("train.py", *common, "--out", str(tmp_path / "one"))
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "train.py", *common,
-                           "--out", str(tmp_path / "two")], cwd=os.path.dirname(os.path.dirname(__file__)) or ".",
-                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    for attempt in range(2):
+        shutil.rmtree(tmp_path / "two", ignore_errors=True)
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "train.py", *common,
+                               "--out", str(tmp_path / "two")], cwd=os.path.dirname(os.path.dirname(__file__)) or ".",
+                              capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        # One CI run in many saw a rank abort inside gloo (exitcode -6, SIGABRT), not reproduced in 15 local runs,
+        # 12 of them under a CPU hog: such an abort is retried once, with a warning; anything else fails at once.
+        if proc.returncode == 0 or "exitcode: -6" not in proc.stderr or attempt:
+            break
+        warnings.warn("a torchrun rank aborted (SIGABRT) in gloo; retrying once:\n" + proc.stderr[:1500])
+    # torchrun's own report ends stderr; the failing rank's reason is further up
+    reasons = [line for line in proc.stderr.splitlines() if "what()" in line or "Error" in line or "error" in line]
+    assert proc.returncode == 0, "\n".join(reasons[:20]) + "\n...\n" + proc.stderr[-1000:]
     assert "x 2 process(es)" in proc.stdout
     a = load_file(tmp_path / "one" / "checkpoint-000002" / "adapter_model.safetensors")
     b = load_file(tmp_path / "two" / "checkpoint-000002" / "adapter_model.safetensors")
