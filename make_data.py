@@ -38,6 +38,7 @@ into the same record format with --import-eto FILE.
 """
 import argparse
 import ast
+import contextlib
 import json
 import multiprocessing
 import os
@@ -67,6 +68,8 @@ parser.add_argument("--alfworld-search", type=int, default=0,
                     help="most receptacles the ALFWorld expert visits (seeded draw among those that could hold the object or lamp) "
                          "before the one where it is: the search an agent that cannot see inside makes (0 = walk straight there)")
 parser.add_argument("--alfworld-plan-timeout", type=float, default=60.0, help="seconds the planner may take per generated game before it is redrawn")
+parser.add_argument("--jobs", type=int, default=1,
+                    help="processes for ALFWorld game generation and expert runs; the data is the same for any value")
 # ScienceWorld
 parser.add_argument("--sciworld-train-per-task", type=int, default=1, help="train variations per in-domain task (20 tasks)")
 parser.add_argument("--sciworld-test-per-task", type=int, default=1, help="test variations per task (id_test: 20 tasks, ood_test: 10)")
@@ -416,6 +419,47 @@ def plan_game(path, timeout):
         proc.join()
 
 
+def _make_games(tmp, seed, split, tt, n):
+    """n solvable games of one task type and split, drawn in a seeded sequence (a game the planner cannot
+    solve in time is redrawn); returns how many were redrawn. Each (split, type) sequence stands alone,
+    so the sequences can run in any order or in parallel."""
+    import alfgen
+    made, draw_idx, redrawn = 0, 0, 0
+    while made < n:
+        name = f"{tt}-{draw_idx}"
+        rng = random.Random(f"{seed}/{split}/{name}")
+        draw_idx += 1
+        game = alfgen.make_game(rng, tt, name.replace("-", "_"))
+        path = os.path.join(tmp, split, name, "trial_0", "game.tw-pddl")
+        os.makedirs(os.path.dirname(path))
+        with open(path, "w") as f:
+            json.dump(game, f)
+        walkthrough = plan_game(path, args.alfworld_plan_timeout)
+        if not walkthrough:
+            shutil.rmtree(os.path.dirname(os.path.dirname(path)))
+            redrawn += 1
+            continue
+        game["walkthrough"] = walkthrough
+        with open(path, "w") as f:
+            json.dump(game, f)
+        made += 1
+    return redrawn
+
+
+def in_parallel(fn, jobs, desc, unit):
+    """[fn(*job) for job in jobs] with up to --jobs processes (forked, so they see this module's state),
+    in the jobs' order; a bar counts finished jobs."""
+    with tqdm(total=len(jobs), desc=desc, unit=unit) as bar:
+        if args.jobs <= 1:
+            return [(fn(*job), bar.update())[0] for job in jobs]
+        from concurrent.futures import ProcessPoolExecutor  # non-daemonic workers: plan_game may fork
+        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("fork")) as pool:
+            futures = [pool.submit(fn, *job) for job in jobs]
+            for future in futures:
+                future.add_done_callback(lambda _: bar.update())
+            return [future.result() for future in futures]
+
+
 def generate_alfworld_games(folder, seed):
     import alfgen
     plan = [(split, tt, n) for tt in alfgen.TASK_TYPES
@@ -423,33 +467,18 @@ def generate_alfworld_games(folder, seed):
                              [("train", args.alfworld_train_per_type), ("id_test", args.alfworld_test_per_type)])]
     tmp = folder + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    redrawn = 0
-    bar = tqdm(total=sum(n for *_, n in plan), desc="alfworld games", unit="game")
-    for split, tt, n in plan:
-        made, draw_idx = 0, 0
-        while made < n:
-            name = f"{tt}-{draw_idx}"
-            rng = random.Random(f"{seed}/{split}/{name}")
-            draw_idx += 1
-            game = alfgen.make_game(rng, tt, name.replace("-", "_"))
-            path = os.path.join(tmp, split, name, "trial_0", "game.tw-pddl")
-            os.makedirs(os.path.dirname(path))
-            with open(path, "w") as f:
-                json.dump(game, f)
-            walkthrough = plan_game(path, args.alfworld_plan_timeout)
-            if not walkthrough:
-                shutil.rmtree(os.path.dirname(os.path.dirname(path)))
-                redrawn += 1
-                continue
-            game["walkthrough"] = walkthrough
-            with open(path, "w") as f:
-                json.dump(game, f)
-            made += 1
-            bar.update()
-    bar.close()
+    redrawn = sum(in_parallel(_make_games, [(tmp, seed, *job) for job in plan], "alfworld games", "type x split"))
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)
     return redrawn
+
+
+def expert_chunk(name, tasks):
+    """({task id: episode_records}, search fallbacks) for tasks run one after another in one environment."""
+    before = SEARCH_FALLBACKS[0]
+    with envs.make_env(name) as env:
+        records = {t["id"]: episode_records(t, env, random.Random(f"{args.seed}/{t['id']}")) for t in tasks}
+    return records, SEARCH_FALLBACKS[0] - before
 
 
 def pick(tasks, split, per_key, key, rng):
@@ -516,14 +545,20 @@ def build_env(name, rng, meta):
     done_count, failed, skipped = {}, 0, 0
     t0 = time.time()
     n_steps = 0
-    with envs.make_env(name) as env:
-        for task in tqdm(tasks, desc=f"{name} experts", unit="ep"):
+    ran = {}  # ALFWorld with --jobs > 1: every task's records, computed up front in parallel
+    if name == "alfworld" and args.jobs > 1:  # (no per-split limit here, so no task is run in vain)
+        chunks = [tasks[j::args.jobs] for j in range(args.jobs)]
+        for records, fallbacks in in_parallel(expert_chunk, [(name, c) for c in chunks], f"{name} experts", "chunk"):
+            ran.update(records)
+            SEARCH_FALLBACKS[0] += fallbacks
+    with envs.make_env(name) if not ran else contextlib.nullcontext() as env:
+        for task in tasks if ran else tqdm(tasks, desc=f"{name} experts", unit="ep"):
             key = (task["split"], task["task_type"]) if name == "scienceworld" else task["split"]
             limit = want[task["split"]] if name == "scienceworld" else (bfcl_want[task["split"]] if name == "bfcl" else None)
             if limit is not None and done_count.get(key, 0) >= limit:
                 continue
             max_plan = args.sciworld_max_gold if name == "scienceworld" else None
-            records = episode_records(task, env, random.Random(f"{args.seed}/{task['id']}"), max_plan)
+            records = ran[task["id"]] if ran else episode_records(task, env, random.Random(f"{args.seed}/{task['id']}"), max_plan)
             if records == "too long":
                 skipped += 1
                 continue
@@ -615,12 +650,15 @@ def versions():
 
 
 def main():
-    meta = {"args": vars(args), "versions": versions(), "python": sys.version.split()[0]}
+    meta = {"args": {k: v for k, v in vars(args).items() if k != "jobs"},  # --jobs changes the speed, not the data
+            "versions": versions(), "python": sys.version.split()[0]}
     for name in ("history", "max_candidates", "alfworld_train_per_type", "alfworld_test_per_type", "alfworld_search",
                  "sciworld_train_per_task", "sciworld_test_per_task", "sciworld_max_gold", "bfcl_train", "bfcl_test",
                  "bfcl_mt_train", "bfcl_mt_test"):
         if getattr(args, name) < 0:
             sys.exit(f"error: --{name.replace('_', '-')} must be at least 0, got {getattr(args, name)}")
+    if args.jobs < 1:
+        sys.exit(f"error: --jobs must be at least 1, got {args.jobs}")
     if args.bfcl_mt_obs_cap < 1:
         sys.exit(f"error: --bfcl-mt-obs-cap must be at least 1, got {args.bfcl_mt_obs_cap}")
     if args.import_eto:

@@ -33,7 +33,7 @@ timed() { local name=$1; shift; /usr/bin/time -f "$name	%e	%M" -a -o "$OUT/stage
 stage "1/7 data: ALFWorld games and expert steps with search -> $DATA"
 if [ ! -f "$DATA/meta.json" ]; then
   timed data $PY make_data.py --env alfworld --seed "$SEED" --out "$DATA" --alfworld-train-per-type 40 \
-    --alfworld-test-per-type 16 --alfworld-search 2
+    --alfworld-test-per-type 16 --alfworld-search 2 --jobs "$THREADS"
 fi
 N=$(wc -l < "$DATA/alfworld_train.jsonl")
 STEPS=$(( (N + BATCH - 1) / BATCH * EPOCHS ))

@@ -21,11 +21,12 @@ SMALL = ["--alfworld-train-per-type", "1", "--alfworld-test-per-type", "1", "--b
 
 @pytest.fixture(scope="session")
 def small_data(tmp_path_factory):
-    """ALFWorld (generated, 1 game per type and split) + BFCL step data, made twice with the same seed."""
+    """ALFWorld (generated, 1 game per type and split) + BFCL step data, made twice with the same seed:
+    the second time with ALFWorld's games and experts in 2 processes (--jobs 2), which must not change it."""
     outs = []
-    for name in ("a", "b"):
+    for name, jobs in (("a", "1"), ("b", "2")):
         out = tmp_path_factory.mktemp(f"data_{name}")
-        run("make_data.py", "--env", "alfworld,bfcl", "--seed", "3", "--out", str(out), *SMALL)
+        run("make_data.py", "--env", "alfworld,bfcl", "--seed", "3", "--out", str(out), "--jobs", jobs, *SMALL)
         outs.append(out)
     return outs
 

@@ -65,6 +65,7 @@ def load_dir(out):
 
 
 def test_same_seed_is_byte_identical(small_data):
+    """The same command twice, once with --jobs 2 (conftest), writes the same bytes."""
     a, b = small_data
     names = sorted(n for n in os.listdir(a) if n.endswith(".jsonl"))
     assert names == sorted(n for n in os.listdir(b) if n.endswith(".jsonl"))
