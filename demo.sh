@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole study, small, on the embedded SmolLM2-135M-Instruct: data -> train k=0 and k=0.3 -> probe,
-# conflicts, rollouts -> tables and figures in results/demo/report/. 20 minutes on 2 CPU cores from a fresh
-# clone (2026-11-26, model conversion included: data 0.6, training 7.4, probes 8.3, rollouts 4.6 min).
+# conflicts, rollouts -> tables and figures in results/demo/report/. 18 minutes on 2 CPU cores from a fresh
+# clone (2026-11-26, model conversion included: data 0.6, training 5.7, probes 8.1, rollouts 4.4 min).
 # Every stage resumes, so a rerun after a kill continues; SEED=1 bash demo.sh gives another seed.
 set -euo pipefail
 cd "$(dirname "$0")"

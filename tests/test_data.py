@@ -301,6 +301,7 @@ def test_eto_import(tmp_path):
     (["--env", "alfworld", "--alfworld-data", "/nonexistent/alfworld"], "ALFWorld games folder not found: /nonexistent/alfworld"),
     (["--env", "bfcl_mt", "--bfcl-mt-obs-cap", "0"], "--bfcl-mt-obs-cap must be at least 1"),
     (["--env", "bfcl_mt", "--bfcl-mt-test", "-1"], "--bfcl-mt-test must be at least 0"),
+    (["--env", "alfworld", "--jobs", "0"], "--jobs must be at least 1"),
 ])
 def test_bad_input_exits_nonzero_with_a_clear_message(tmp_path, argv, message):
     proc = run("make_data.py", *argv, "--out", str(tmp_path), check=False)
