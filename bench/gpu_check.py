@@ -98,6 +98,18 @@ os.makedirs(work, exist_ok=True)
 failures = []
 
 
+def clock():
+    """time.time() once the device has finished its queued work."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.time()
+
+
+def finish():
+    print(f"gpu_check done: {'all stages ok' if not failures else 'FAILED: ' + ', '.join(failures)} (work folder {work})")
+    sys.exit(1 if failures else 0)
+
+
 def sh(name, argv, env=None):
     """Run a stage; its seconds and stdout, or a failure noted (and the check goes on)."""
     t0 = time.time()
@@ -226,55 +238,43 @@ else:
     peak, peak_name, dtype = 2 * 2048 ** 3 * reps / (time.time() - t0), "measured fp32 matmul peak", torch.float32
 if peak is None:  # an unlisted GPU: measure its bf16 matmul instead
     a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
-    torch.cuda.synchronize()
-    t0, reps = time.time(), 20
+    t0, reps = clock(), 20
     for _ in range(reps):
         a @ a
-    torch.cuda.synchronize()
-    peak, peak_name = 2 * 8192 ** 3 * reps / (time.time() - t0), "measured bf16 matmul peak"
+    peak, peak_name = 2 * 8192 ** 3 * reps / (clock() - t0), "measured bf16 matmul peak"
 for mbt, tok_s in train_tok_s.items():
     print(f"train.py --micro-batch-tokens {mbt}: {tok_s:.0f} tok/s, MFU {6 * n_params * tok_s / peak:.3f} ({peak_name}; "
           f"6 x parameters x tokens, LoRA r=16, batch {args.batch_size}, --share-prefix counts the examples' tokens)")
 if "speed" not in stages:
-    print(f"gpu_check done: {'all stages ok' if not failures else 'FAILED: ' + ', '.join(failures)} (work folder {work})")
-    sys.exit(1 if failures else 0)
+    finish()
 from transformers import AutoModelForCausalLM  # noqa: E402
 if device.startswith("cuda"):  # the fixed cost of one kernel launch bounds any launch-bound loop (decode at batch 1)
     x = torch.zeros(16, device=device)
     for reps in (100, 2000):
-        torch.cuda.synchronize()
-        t0 = time.time()
+        t0 = clock()
         for _ in range(reps):
             x.add_(1)
-        torch.cuda.synchronize()
-    print(f"kernel launch: {(time.time() - t0) / reps * 1e6:.1f} us each (tiny add_, {reps} in a row)")
+        seconds = clock() - t0
+    print(f"kernel launch: {seconds / reps * 1e6:.1f} us each (tiny add_, {reps} in a row)")
 model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
 ids = torch.tensor([prompts[0]], device=device)
 for reps in range(2):  # the baseline: transformers' own greedy generate at batch 1, a warm-up first
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    t0 = time.time()
+    t0 = clock()
     model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=64, min_new_tokens=64, do_sample=False,
                    pad_token_id=tok.pad_token_id)
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-print(f"baseline: transformers generate, batch  1: {64 / (time.time() - t0):8.1f} tok/s")
+    seconds = clock() - t0
+print(f"baseline: transformers generate, batch  1: {64 / seconds:8.1f} tok/s")
+thought = tok(" Thought:", add_special_tokens=False)["input_ids"]
 for batch in (1, 8, 32):
     rows = (prompts * batch)[:batch]
     state = lm.encode_prompts(model, rows, tok.pad_token_id)
-    branches = [{"row": i, "prefix": tok(" Thought:", add_special_tokens=False)["input_ids"], "max_new": 64, "stop": "never"}
-                for i in range(batch)]
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    t0 = time.time()
+    branches = [{"row": i, "prefix": thought, "max_new": 64, "stop": "never"} for i in range(batch)]
+    t0 = clock()
     lm.run_branches(model, tok, state, branches, max_rows=batch)
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    print(f"decode batch {batch:2d}: {batch * 64 / (time.time() - t0):8.1f} tok/s ({dtype}, prompts of ~{len(rows[0])} tokens)")
+    print(f"decode batch {batch:2d}: {batch * 64 / (clock() - t0):8.1f} tok/s ({dtype}, prompts of ~{len(rows[0])} tokens)")
 if args.profile:
     from torch.profiler import ProfilerActivity, profile
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
-    thought = tok(" Thought:", add_special_tokens=False)["input_ids"]
     for name in ("lm.run_branches", "transformers generate"):
         state = lm.encode_prompts(model, prompts[:1], tok.pad_token_id)
         with profile(activities=activities) as prof:
@@ -285,5 +285,4 @@ if args.profile:
                                do_sample=False, pad_token_id=tok.pad_token_id)
         print(f"profile of 16 greedy tokens at batch 1, {name}:")
         print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=18, max_name_column_width=50))
-print(f"gpu_check done: {'all stages ok' if not failures else 'FAILED: ' + ', '.join(failures)} (work folder {work})")
-sys.exit(1 if failures else 0)
+finish()
