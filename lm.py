@@ -139,8 +139,11 @@ MIN_SHARED = 32  # a shorter common prefix is not worth its own forward pass
 
 
 def micro_batches(examples, members, max_tokens, pad_id, device, start=0):
-    """Padded (ids, labels, kinds, attn) tensors of at most max_tokens tokens each (B x T), of the
-    examples' tokens from position `start` on; right padding, labels -100 there."""
+    """Micro-batches of at most max_tokens padded tokens (B x T, right padding) of the examples' tokens
+    from position `start` on, each a dict: ids and attn (B, T); at, the flat positions b * T + t whose
+    next token is a response token; target, sup and kind of those tokens (sup: its label is trained);
+    counts, host ints for logging. All of it is built on the host, so scoring a micro-batch needs no
+    device-to-host sync (on a GPU, each would stall the launch queue)."""
     members = sorted(members, key=lambda i: len(examples[i]["ids"]))
     groups, cur = [], []
     for i in members:
@@ -161,7 +164,13 @@ def micro_batches(examples, members, max_tokens, pad_id, device, start=0):
             for name, t in (("ids", ids), ("labels", labels), ("kinds", kinds)):
                 t[r, :n] = torch.tensor(examples[i][name][start:])
             attn[r, :n] = 1
-        yield ids.to(device), labels.to(device), kinds.to(device), attn.to(device)
+        pred = (kinds[:, 1:] != PROMPT) & attn[:, 1:].bool()             # (B, T-1): predicts a response token
+        rows, cols = pred.nonzero(as_tuple=True)
+        kind, sup = kinds[:, 1:][pred], labels[:, 1:][pred] != -100
+        counts = {"n": int(sup.sum()), "n_action": int((kind == ACTION).sum()),
+                  "n_thought": int((kind == THOUGHT).sum()), "computed": int(attn.sum())}
+        yield {"ids": ids.to(device), "attn": attn.to(device), "at": (rows * width + cols).to(device),
+               "target": ids[:, 1:][pred].to(device), "sup": sup.to(device), "kind": kind.to(device), "counts": counts}
 
 
 def shared_prefixes(examples, batch):
@@ -184,26 +193,20 @@ def shared_prefixes(examples, batch):
     return ([(0, unshared)] if unshared else []) + shared
 
 
-def _response_loss_backward(head, hidden, ids, labels, kinds, attn, n_sup, sums):
-    """Cross-entropy on the response tokens of one micro-batch, divided by the batch's supervised
-    token count n_sup, backpropagated; adds to the running sums. The vocabulary projection runs only
-    where a response token is predicted: prompts carry no loss, and (B, T, V) logits over them would
+def _response_loss_backward(head, hidden, mb, n_sup, losses):
+    """Cross-entropy on the response tokens of one micro-batch (micro_batches), divided by the batch's
+    supervised token count n_sup, backpropagated; adds the sums of the supervised, action and thought
+    token losses to `losses` (a float64 device tensor of 3). The vocabulary projection runs only where
+    a response token is predicted: prompts carry no loss, and (B, T, V) logits over them would
     dominate time and memory. (Models whose forward post-processes logits, e.g. Gemma-2 soft-capping,
     would need that here too.)"""
-    pred = (kinds[:, 1:] != PROMPT) & attn[:, 1:].bool()                # (B, T-1): predicts a response token
-    logits = head(hidden[:, :-1][pred]).float()                          # (N, V)
-    tok_loss = torch.nn.functional.cross_entropy(logits, ids[:, 1:][pred], reduction="none")  # (N,) nats
-    target, kind = labels[:, 1:][pred], kinds[:, 1:][pred]
-    sup = target != -100
-    ((tok_loss * sup).sum() / max(1, n_sup)).backward()
+    logits = head(hidden.reshape(-1, hidden.shape[-1]).index_select(0, mb["at"])).float()       # (N, V)
+    tok_loss = torch.nn.functional.cross_entropy(logits, mb["target"], reduction="none")        # (N,) nats
+    supervised = (tok_loss * mb["sup"]).sum()
+    (supervised / max(1, n_sup)).backward()
     with torch.no_grad():
-        sums["loss"] += (tok_loss * sup).sum().item()
-        sums["n"] += sup.sum().item()
-        for name, k in (("action", ACTION), ("thought", THOUGHT)):
-            m = kind == k
-            sums[name] += (tok_loss * m).sum().item()
-            sums[f"n_{name}"] += m.sum().item()
-        sums["computed"] += attn.sum().item()
+        kind = mb["kind"]
+        losses += torch.stack([supervised, (tok_loss * (kind == ACTION)).sum(), (tok_loss * (kind == THOUGHT)).sum()]).double()
 
 
 def batch_backward(model, examples, batch, n_sup, pad_id, max_tokens=512, share_prefix=False, grad_checkpoint="off"):
@@ -219,15 +222,18 @@ def batch_backward(model, examples, batch, n_sup, pad_id, max_tokens=512, share_
     decoder, head = core.get_decoder(), core.get_output_embeddings()
     device = next(model.parameters()).device
     checkpointed = [m for m in decoder.modules() if hasattr(m, "_gradient_checkpointing_func")]  # the layers
-    sums = dict.fromkeys(("loss", "n", "action", "n_action", "thought", "n_thought", "computed"), 0.0)
+    sums = dict.fromkeys(("n", "n_action", "n_thought", "computed"), 0)
+    losses = torch.zeros(3, dtype=torch.float64, device=device)  # read once, at the end: one sync per batch
     for prefix_len, members in shared_prefixes(examples, batch) if share_prefix else [(0, batch)]:
         if not prefix_len:
-            for ids, labels, kinds, attn in micro_batches(examples, members, max_tokens, pad_id, device):
+            for mb in micro_batches(examples, members, max_tokens, pad_id, device):
                 for layer in checkpointed:
                     layer.gradient_checkpointing = grad_checkpoint == "on" or (
-                        grad_checkpoint == "auto" and ids.numel() > max_tokens)
-                hidden = decoder(input_ids=ids, attention_mask=attn).last_hidden_state  # (B, T, H)
-                _response_loss_backward(head, hidden, ids, labels, kinds, attn, n_sup, sums)
+                        grad_checkpoint == "auto" and mb["ids"].numel() > max_tokens)
+                hidden = decoder(input_ids=mb["ids"], attention_mask=mb["attn"]).last_hidden_state  # (B, T, H)
+                _response_loss_backward(head, hidden, mb, n_sup, losses)
+                for key, value in mb["counts"].items():
+                    sums[key] += value
             continue
         # The prefix runs once. Every micro-batch of suffixes attends to its keys and values (one row,
         # expanded); the gradient they send back accumulates in leaf copies, and one backward pass
@@ -239,17 +245,24 @@ def batch_backward(model, examples, batch, n_sup, pad_id, max_tokens=512, share_
         cache = decoder(input_ids=prefix, use_cache=True).past_key_values
         kv = [t for layer in cache.layers for t in (layer.keys, layer.values)]      # (1, heads, P, d) each
         leaves = [t.detach().requires_grad_() for t in kv]
-        for ids, labels, kinds, attn in micro_batches(examples, members, max_tokens, pad_id, device, start=prefix_len):
-            rows, width = ids.shape
+        for mb in micro_batches(examples, members, max_tokens, pad_id, device, start=prefix_len):
+            rows, width = mb["ids"].shape
             past = DynamicCache([(leaves[j].expand(rows, -1, -1, -1), leaves[j + 1].expand(rows, -1, -1, -1))
                                  for j in range(0, len(leaves), 2)])
-            mask = torch.cat([attn.new_ones(rows, prefix_len), attn], dim=1)
+            mask = torch.cat([mb["attn"].new_ones(rows, prefix_len), mb["attn"]], dim=1)
             positions = torch.arange(prefix_len, prefix_len + width, device=device).expand(rows, -1)
-            hidden = decoder(input_ids=ids, attention_mask=mask, position_ids=positions,
+            hidden = decoder(input_ids=mb["ids"], attention_mask=mask, position_ids=positions,
                              past_key_values=past).last_hidden_state
-            _response_loss_backward(head, hidden, ids, labels, kinds, attn, n_sup, sums)
-        torch.autograd.backward(kv, [leaf.grad for leaf in leaves])
+            _response_loss_backward(head, hidden, mb, n_sup, losses)
+            for key, value in mb["counts"].items():
+                sums[key] += value
+        # Only the keys and values that depend on trainable weights carry gradient back (with LoRA on
+        # q_proj and v_proj alone, layer 0's keys come from frozen weights only).
+        back = [(t, leaf.grad) for t, leaf in zip(kv, leaves) if t.requires_grad and leaf.grad is not None]
+        if back:
+            torch.autograd.backward([t for t, _ in back], [g for _, g in back])
         sums["computed"] += prefix_len
+    sums["loss"], sums["action"], sums["thought"] = losses.tolist()
     return sums
 
 
