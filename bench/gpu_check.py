@@ -9,9 +9,11 @@ the embedded SmolLM2 tokenizer; then, on --device:
      happens."), since a GPU machine may lack the environments' packages;
   4. with CUDA: greedy texts and log-likelihoods of a tiny random model on CUDA fp32 against the CPU;
   5. prints training tokens/s and MFU (6 x parameters x tokens/s over the GPU's dense bf16 peak, or the
-     measured matmul peak on CPU), one kernel launch's cost, and greedy decode tokens/s at batch 1, 8
-     and 32 against transformers' generate at batch 1; --profile adds torch.profiler's table of both.
---stages picks stages; --micro-batch-tokens 512,16384 trains once per value (train.py's micro-batching).
+     measured matmul peak on CPU), warm training steps in-process (train.py's step without its start-up,
+     first step and saving) per micro-batch size with --share-prefix on and off, one kernel launch's cost,
+     and greedy decode tokens/s at batch 1, 8 and 32 against transformers' generate at batch 1; --profile
+     adds torch.profiler's tables of a training step and of both decoders.
+--stages picks stages; --micro-batch-tokens 4096,16384 trains once per value (train.py's micro-batching).
 Exits non-zero if any stage fails or CUDA disagrees with the CPU. Needs only the repository, torch,
 transformers and peft. A machine without the embedded model gets the tokenizer folder and a step file
 carried along (a few MB; make them here with make_data.py and
@@ -19,7 +21,7 @@ carried along (a few MB; make them here with make_data.py and
 
     python bench/gpu_check.py --tokenizer cache/tokenizer       # on a GPU machine: Qwen3-style ~0.6B
     python bench/gpu_check.py --device cpu --size tiny --steps 2  # the CPU smoke test (tests/test_gpu_check.py)
-    python bench/gpu_check.py --tokenizer cache/tokenizer --stages train,speed --micro-batch-tokens 512,16384 --profile
+    python bench/gpu_check.py --tokenizer cache/tokenizer --stages step,speed --micro-batch-tokens 4096,16384 --profile
 
 On an NVIDIA H200 (2026-11-26) every stage passed; its figures and profiles are in bench/README.md.
 """
@@ -43,12 +45,14 @@ parser.add_argument("--data", default="data/study/alfworld_train.jsonl", help="s
 parser.add_argument("--steps", type=int, default=20, help="training steps per train.py run")
 parser.add_argument("--batch-size", type=int, default=16, help="training batch size")
 parser.add_argument("--records", type=int, default=4, help="probe records and replayed episodes")
-parser.add_argument("--micro-batch-tokens", default="512",
-                    help="train.py's --micro-batch-tokens; a comma list trains once per value and prints each one's speed")
-parser.add_argument("--stages", default="train,torchrun,probe,eval,cpu,speed",
+parser.add_argument("--micro-batch-tokens", default="4096",
+                    help="train.py's --micro-batch-tokens (4096 is its CUDA default); a comma list trains once per value "
+                         "and prints each one's speed")
+parser.add_argument("--stages", default="train,torchrun,probe,eval,cpu,step,speed",
                     help="comma list of the stages to run (train is needed by torchrun's speed line, probe and eval)")
 parser.add_argument("--profile", action="store_true",
-                    help="also print torch.profiler's table of 16 greedy tokens at batch 1, lm.run_branches then generate")
+                    help="also print torch.profiler's tables of one warm training step and of 16 greedy tokens at batch 1 "
+                         "(lm.run_branches, then generate)")
 parser.add_argument("--out", default="", help="work folder (default: a temp folder)")
 parser.add_argument("--replay-worker", default="", help=argparse.SUPPRESS)
 args = parser.parse_args()
@@ -167,7 +171,7 @@ for tid in few:  # the game files are never opened by the replay worker; evaluat
 
 stages = set(args.stages.split(","))
 common = ["--model", model_dir, "--data", data, "--max-steps", str(args.steps), "--batch-size", str(args.batch_size),
-          "--device", device, "--log-every", str(args.steps), "--share-prefix"]
+          "--device", device, "--log-every", str(args.steps)]  # no --share-prefix: slower on a GPU (the step stage)
 train_tok_s = {}  # --micro-batch-tokens -> training tokens/s
 for i, mbt in enumerate(args.micro_batch_tokens.split(",") if "train" in stages else []):
     out_dir = os.path.join(work, "run" if i == 0 else f"run_mbt{mbt}")  # the first value's run is probed and replayed
@@ -244,7 +248,53 @@ if peak is None:  # an unlisted GPU: measure its bf16 matmul instead
     peak, peak_name = 2 * 8192 ** 3 * reps / (clock() - t0), "measured bf16 matmul peak"
 for mbt, tok_s in train_tok_s.items():
     print(f"train.py --micro-batch-tokens {mbt}: {tok_s:.0f} tok/s, MFU {6 * n_params * tok_s / peak:.3f} ({peak_name}; "
-          f"6 x parameters x tokens, LoRA r=16, batch {args.batch_size}, --share-prefix counts the examples' tokens)")
+          f"6 x parameters x tokens, LoRA r=16, batch {args.batch_size}, the whole run from its first step)")
+
+
+def train_steps(model, examples, batches, mbt, share):
+    """train.py's step (lm.batch_backward, clipping, AdamW) over the given batches; seconds per step."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-5)
+    t0 = clock()
+    for batch in batches:
+        n_sup = sum(sum(label != -100 for label in examples[i]["labels"][1:]) for i in batch)
+        optimizer.zero_grad(set_to_none=True)
+        lm.batch_backward(model, examples, batch, n_sup, tok.pad_token_id, mbt, share)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+    return (clock() - t0) / len(batches)
+
+
+if "step" in stages:  # warm training steps in this process, without train.py's start-up, first step and saving
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    examples = []
+    for rec in steps.read_steps(data):
+        ids, labels, kinds = lm.encode_step(tok, rec)
+        examples.append({"ids": ids, "labels": labels, "kinds": kinds, "episode": rec["task_id"]})
+    batches = [list(range(i, i + args.batch_size)) for i in range(0, len(examples) - args.batch_size + 1, args.batch_size)]
+    batch_tokens = sum(len(examples[i]["ids"]) for b in batches for i in b) / len(batches)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=lm.pick_device(device)[1]).to(device)
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, task_type="CAUSAL_LM", target_modules=[
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    model.train()
+    for mbt in map(int, args.micro_batch_tokens.split(",")):
+        for share in (True, False):
+            train_steps(model, examples, batches[:2], mbt, share)  # warm-up: kernels, allocator
+            seconds = train_steps(model, examples, batches[2:2 + args.steps] or batches[-1:], mbt, share)
+            print(f"warm training step, micro-batch tokens {mbt:5d}, share-prefix {'on ' if share else 'off'}: "
+                  f"{seconds * 1e3:7.1f} ms, {batch_tokens / seconds:8.0f} tok/s "
+                  f"(batch {args.batch_size}, {batch_tokens:.0f} tokens, LoRA r=16 on all linear layers)")
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+        mbt = int(args.micro_batch_tokens.split(",")[0])
+        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])) as prof:
+            train_steps(model, examples, batches[-1:], mbt, True)
+        print(f"profile of one warm training step (micro-batch tokens {mbt}, share-prefix on):")
+        print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=25, max_name_column_width=50))
+        if device.startswith("cuda"):
+            print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=15, max_name_column_width=50))
+    del model
 if "speed" not in stages:
     finish()
 from transformers import AutoModelForCausalLM  # noqa: E402

@@ -7,7 +7,7 @@ from conftest import run
 def test_gpu_check_smoke_on_cpu(small_data, tmp_path):
     proc = run("bench/gpu_check.py", "--device", "cpu", "--size", "tiny", "--steps", "2", "--batch-size", "4",
                "--records", "2", "--data", os.path.join(small_data[0], "alfworld_train.jsonl"), "--out", str(tmp_path))
-    for stage in ("train.py --micro-batch-tokens 512", "torchrun --nproc_per_node 1 train.py", "probe.py",
+    for stage in ("train.py --micro-batch-tokens 4096", "torchrun --nproc_per_node 1 train.py", "probe.py",
                   "evaluate.py --backend hf"):
         assert f"ok   {stage} (" in proc.stdout, proc.stdout
     assert "baseline: transformers generate, batch  1:" in proc.stdout and "decode batch 32:" in proc.stdout
@@ -17,14 +17,18 @@ def test_gpu_check_smoke_on_cpu(small_data, tmp_path):
 
 
 def test_gpu_check_stages_micro_batches_and_profile(small_data, tmp_path):
-    """--stages runs only the named stages; a --micro-batch-tokens list trains once per value; --profile
-    prints a torch.profiler table for lm.run_branches and for generate."""
+    """--stages runs only the named stages; a --micro-batch-tokens list trains once per value (train.py and
+    the in-process warm steps); --profile prints torch.profiler tables of a training step, lm.run_branches
+    and generate."""
     proc = run("bench/gpu_check.py", "--device", "cpu", "--size", "tiny", "--steps", "1", "--batch-size", "4",
                "--records", "2", "--data", os.path.join(small_data[0], "alfworld_train.jsonl"), "--out", str(tmp_path),
-               "--stages", "train,speed", "--micro-batch-tokens", "512,4096", "--profile")
+               "--stages", "train,step,speed", "--micro-batch-tokens", "512,4096", "--profile")
     for mbt in ("512", "4096"):
         assert f"ok   train.py --micro-batch-tokens {mbt} (" in proc.stdout, proc.stdout
         assert f"train.py --micro-batch-tokens {mbt}: " in proc.stdout
+        for share in ("on ", "off"):
+            assert f"warm training step, micro-batch tokens {int(mbt):5d}, share-prefix {share}: " in proc.stdout
+    assert "profile of one warm training step" in proc.stdout
     assert "probe.py" not in proc.stdout and "evaluate.py" not in proc.stdout and "torchrun" not in proc.stdout
     for name in ("lm.run_branches", "transformers generate"):
         assert f"profile of 16 greedy tokens at batch 1, {name}:" in proc.stdout
