@@ -193,10 +193,10 @@ def shared_prefixes(examples, batch):
     return ([(0, unshared)] if unshared else []) + shared
 
 
-def _response_loss_backward(head, hidden, mb, n_sup, losses):
+def _response_loss_backward(head, hidden, mb, n_sup, losses, sums):
     """Cross-entropy on the response tokens of one micro-batch (micro_batches), divided by the batch's
     supervised token count n_sup, backpropagated; adds the sums of the supervised, action and thought
-    token losses to `losses` (a float64 device tensor of 3). The vocabulary projection runs only where
+    token losses to `losses` (a float64 device tensor of 3) and the micro-batch's counts to `sums`. The vocabulary projection runs only where
     a response token is predicted: prompts carry no loss, and (B, T, V) logits over them would
     dominate time and memory. (Models whose forward post-processes logits, e.g. Gemma-2 soft-capping,
     would need that here too.)"""
@@ -207,6 +207,13 @@ def _response_loss_backward(head, hidden, mb, n_sup, losses):
     with torch.no_grad():
         kind = mb["kind"]
         losses += torch.stack([supervised, (tok_loss * (kind == ACTION)).sum(), (tok_loss * (kind == THOUGHT)).sum()]).double()
+    for key, value in mb["counts"].items():
+        sums[key] += value
+
+
+def supervised_tokens(examples, batch):
+    """The batch's trained (label != -100) token count: batch_backward's loss divisor."""
+    return sum(sum(label != -100 for label in examples[i]["labels"][1:]) for i in batch)
 
 
 def batch_backward(model, examples, batch, n_sup, pad_id, max_tokens=512, share_prefix=False, grad_checkpoint="off"):
@@ -231,9 +238,7 @@ def batch_backward(model, examples, batch, n_sup, pad_id, max_tokens=512, share_
                     layer.gradient_checkpointing = grad_checkpoint == "on" or (
                         grad_checkpoint == "auto" and mb["ids"].numel() > max_tokens)
                 hidden = decoder(input_ids=mb["ids"], attention_mask=mb["attn"]).last_hidden_state  # (B, T, H)
-                _response_loss_backward(head, hidden, mb, n_sup, losses)
-                for key, value in mb["counts"].items():
-                    sums[key] += value
+                _response_loss_backward(head, hidden, mb, n_sup, losses, sums)
             continue
         # The prefix runs once. Every micro-batch of suffixes attends to its keys and values (one row,
         # expanded); the gradient they send back accumulates in leaf copies, and one backward pass
@@ -253,9 +258,7 @@ def batch_backward(model, examples, batch, n_sup, pad_id, max_tokens=512, share_
             positions = torch.arange(prefix_len, prefix_len + width, device=device).expand(rows, -1)
             hidden = decoder(input_ids=mb["ids"], attention_mask=mask, position_ids=positions,
                              past_key_values=past).last_hidden_state
-            _response_loss_backward(head, hidden, mb, n_sup, losses)
-            for key, value in mb["counts"].items():
-                sums[key] += value
+            _response_loss_backward(head, hidden, mb, n_sup, losses, sums)
         # Only the keys and values that depend on trainable weights carry gradient back (with LoRA on
         # q_proj and v_proj alone, layer 0's keys come from frozen weights only).
         back = [(t, leaf.grad) for t, leaf in zip(kv, leaves) if t.requires_grad and leaf.grad is not None]

@@ -331,7 +331,7 @@ while step < total_steps:
     lr = lr_at(step, total_steps)
     for group in optimizer.param_groups:
         group["lr"] = lr
-    n_sup = sum(sum(l != -100 for l in examples[i]["labels"][1:]) for i in batch)
+    n_sup = lm.supervised_tokens(examples, batch)
     optimizer.zero_grad(set_to_none=True)
     shard = batch[rank::world]
     sums = lm.batch_backward(model, examples, shard, n_sup, pad_id, args.micro_batch_tokens, args.share_prefix,

@@ -96,7 +96,7 @@ import torch  # noqa: E402
 import lm  # noqa: E402
 import steps  # noqa: E402
 
-device = lm.pick_device(args.device)[0]  # also the CUDA attention settings the scripts use
+device, model_dtype = lm.pick_device(args.device)  # also the CUDA attention settings the scripts use
 work = args.out or tempfile.mkdtemp(prefix="gpu_check_")
 os.makedirs(work, exist_ok=True)
 failures = []
@@ -107,6 +107,12 @@ def clock():
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     return time.time()
+
+
+def profiled():
+    """A torch.profiler context recording the CPU, and CUDA where the device is one (--profile)."""
+    from torch.profiler import ProfilerActivity, profile
+    return profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else []))
 
 
 def finish():
@@ -233,13 +239,12 @@ if device.startswith("cuda"):
     peak = next((v for k, v in (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L40S", 362e12), ("A10", 125e12))
                  if k in name), None)
     peak_name = f"{name} dense bf16 peak {peak / 1e12:.0f} TFLOP/s" if peak else None
-    dtype = torch.bfloat16
 else:
     a = torch.randn(2048, 2048)
     t0, reps = time.time(), 10
     for _ in range(reps):
         a @ a
-    peak, peak_name, dtype = 2 * 2048 ** 3 * reps / (time.time() - t0), "measured fp32 matmul peak", torch.float32
+    peak, peak_name = 2 * 2048 ** 3 * reps / (time.time() - t0), "measured fp32 matmul peak"
 if peak is None:  # an unlisted GPU: measure its bf16 matmul instead
     a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
     t0, reps = clock(), 20
@@ -257,9 +262,8 @@ def train_steps(model, examples, batches, mbt, share):
     optimizer = torch.optim.AdamW(params, lr=1e-5)
     t0 = clock()
     for batch in batches:
-        n_sup = sum(sum(label != -100 for label in examples[i]["labels"][1:]) for i in batch)
         optimizer.zero_grad(set_to_none=True)
-        lm.batch_backward(model, examples, batch, n_sup, tok.pad_token_id, mbt, share)
+        lm.batch_backward(model, examples, batch, lm.supervised_tokens(examples, batch), tok.pad_token_id, mbt, share)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
     return (clock() - t0) / len(batches)
@@ -274,7 +278,7 @@ if "step" in stages:  # warm training steps in this process, without train.py's 
         examples.append({"ids": ids, "labels": labels, "kinds": kinds, "episode": rec["task_id"]})
     batches = [list(range(i, i + args.batch_size)) for i in range(0, len(examples) - args.batch_size + 1, args.batch_size)]
     batch_tokens = sum(len(examples[i]["ids"]) for b in batches for i in b) / len(batches)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=lm.pick_device(device)[1]).to(device)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=model_dtype).to(device)
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, task_type="CAUSAL_LM", target_modules=[
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
     model.train()
@@ -286,9 +290,8 @@ if "step" in stages:  # warm training steps in this process, without train.py's 
                   f"{seconds * 1e3:7.1f} ms, {batch_tokens / seconds:8.0f} tok/s "
                   f"(batch {args.batch_size}, {batch_tokens:.0f} tokens, LoRA r=16 on all linear layers)")
     if args.profile:
-        from torch.profiler import ProfilerActivity, profile
         mbt = int(args.micro_batch_tokens.split(",")[0])
-        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])) as prof:
+        with profiled() as prof:
             train_steps(model, examples, batches[-1:], mbt, True)
         print(f"profile of one warm training step (micro-batch tokens {mbt}, share-prefix on):")
         print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=25, max_name_column_width=50))
@@ -306,7 +309,7 @@ if device.startswith("cuda"):  # the fixed cost of one kernel launch bounds any 
             x.add_(1)
         seconds = clock() - t0
     print(f"kernel launch: {seconds / reps * 1e6:.1f} us each (tiny add_, {reps} in a row)")
-model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=model_dtype).to(device).eval()
 ids = torch.tensor([prompts[0]], device=device)
 for reps in range(2):  # the baseline: transformers' own greedy generate at batch 1, a warm-up first
     t0 = clock()
@@ -321,13 +324,11 @@ for batch in (1, 8, 32):
     branches = [{"row": i, "prefix": thought, "max_new": 64, "stop": "never"} for i in range(batch)]
     t0 = clock()
     lm.run_branches(model, tok, state, branches, max_rows=batch)
-    print(f"decode batch {batch:2d}: {batch * 64 / (clock() - t0):8.1f} tok/s ({dtype}, prompts of ~{len(rows[0])} tokens)")
+    print(f"decode batch {batch:2d}: {batch * 64 / (clock() - t0):8.1f} tok/s ({model_dtype}, prompts of ~{len(rows[0])} tokens)")
 if args.profile:
-    from torch.profiler import ProfilerActivity, profile
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
     for name in ("lm.run_branches", "transformers generate"):
         state = lm.encode_prompts(model, prompts[:1], tok.pad_token_id)
-        with profile(activities=activities) as prof:
+        with profiled() as prof:
             if name == "lm.run_branches":
                 lm.run_branches(model, tok, state, [{"row": 0, "prefix": thought, "max_new": 16, "stop": "never"}])
             else:
