@@ -481,14 +481,22 @@ def expert_chunk(name, tasks):
     return records, SEARCH_FALLBACKS[0] - before
 
 
-def pick(tasks, split, per_key, key, rng):
-    """Up to per_key tasks of each key (task type) from one split, in a seeded order."""
+def pick(tasks, split, per_key, key, rng, prefer=None):
+    """Up to per_key tasks of each key (task type) from one split, in a seeded order; with prefer(task),
+    tasks it holds true for come first (the order within each part stays the seeded one)."""
     chosen = []
     for k in sorted({key(t) for t in tasks if t["split"] == split}):
         group = [t for t in tasks if t["split"] == split and key(t) == k]
         rng.shuffle(group)
+        if prefer:
+            group.sort(key=lambda t: not prefer(t))  # stable: the seeded order is kept within each part
         chosen += group[:per_key]
     return chosen
+
+
+def in_test_folder(task):
+    """A game from a test folder of the dataset (valid_seen, valid_unseen, or generated id_test / ood_test)."""
+    return any(p.startswith("valid") or p in ("id_test", "ood_test") for p in task["id"].split("/")[1:])
 
 
 def build_env(name, rng, meta):
@@ -506,7 +514,8 @@ def build_env(name, rng, meta):
             all_tasks = envs.alfworld_tasks(games)
         tasks = (pick(all_tasks, "train", args.alfworld_train_per_type, lambda t: t["task_type"], rng)
                  + pick(all_tasks, "id_test", args.alfworld_test_per_type, lambda t: t["task_type"], rng)
-                 + pick(all_tasks, "ood_test", args.alfworld_test_per_type, lambda t: t["task_type"], rng))
+                 + pick(all_tasks, "ood_test", args.alfworld_test_per_type, lambda t: t["task_type"], rng,
+                        prefer=in_test_folder))  # held-out types occur in train/ too; the benchmark's own first
     elif name == "scienceworld":
         with envs.ScienceWorld() as env:
             all_tasks = envs.sciworld_tasks(env)

@@ -1,30 +1,55 @@
 #!/usr/bin/env bash
-# The study on the embedded SmolLM2-135M-Instruct, sized for 2 hours on 2 CPU cores (README, Results):
-# ALFWorld data with a searching expert -> the expert and random policies, the base model's probes ->
-# for k=0, then k=0.3 (same seed and data): LoRA SFT, rollouts of the last checkpoint (both modes,
-# in-domain and out-of-domain), probe and conflict probe (one pass) of every k=0 checkpoint on the same
-# steps (PROBE_LAST=1: the last checkpoint of the later runs too, about 8 min each) -> report
-# (results/study/report/). A run is finished before the next one starts,
-# so a study cut short still has whole runs. Every stage resumes: rerunning the same command after a kill
-# continues where it stopped. Each stage's wall time and peak RSS go to $OUT/stages.tsv.
-#   bash study.sh                        (what `make study` runs)
+# The study on the embedded SmolLM2-135M-Instruct (README, Results), on ALFWorld: data with a searching
+# expert -> the expert and random policies, the base model's probes -> for each training seed, for k=0 and
+# then k=0.3 (same data): LoRA SFT, rollouts of the last checkpoint (both modes, in-domain and
+# out-of-domain), probe and conflict probe (one pass) on the same steps -> report (<out>/report/).
+#
+# Two configurations:
+#   generated games (default, `make study`): one seed, sized for 2 hours on 2 CPU cores; k=0's 4
+#     checkpoints are probed (PROBE_LAST=1: k=0.3's last one too, about 8 min).
+#   real games (ALFWORLD_DATA=DIR, a folder holding json_2.1.1/train and json_2.1.1/valid_seen): train
+#     episodes from the train games, in-domain test from valid_seen's in-domain types, out-of-domain from
+#     the held-out types (valid_seen first); SEEDS="0 1 2" by default. Every run's last checkpoint is
+#     probed; the first seed's runs are also probed at the dense early grid SAVE_STEPS (the generated
+#     study's curves move before step 33 of 130). About 6 h on 2 cores.
+# A run is finished before the next one starts, so a study cut short still has whole runs. Every stage
+# resumes: rerunning the same command after a kill continues where it stopped. Each stage's wall time and
+# peak RSS go to $OUT/stages.tsv.
+#   bash study.sh                                          (what `make study` runs)
+#   ALFWORLD_DATA=~/alfworld_data bash study.sh            (the real-games study, 3 seeds)
 #   SEED=1 OUT=results/study_seed1 bash study.sh
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PY:-.venv/bin/python}
-SEED=${SEED:-0}
-DATA=${DATA:-data/study}
-OUT=${OUT:-results/study}
+SEED=${SEED:-0}                     # data seed: which games, the expert's search, probe steps, conflicts
+ALFWORLD_DATA=${ALFWORLD_DATA:-}
 THREADS=${THREADS:-2}
 KS=${KS:-"0.0 0.3"}
 EPOCHS=${EPOCHS:-1}
 BATCH=${BATCH:-8}
 TRAIN_ARGS=${TRAIN_ARGS:-"--lr 1e-3 --lora-r 16 --lora-alpha 32 --share-prefix"}
-EPISODES=${EPISODES:-64}            # rollouts per split, mode and run (the data has 64 in-domain, 32 out-of-domain)
+EPISODES=${EPISODES:-64}            # rollouts per split, mode and run (at most)
 STEP_FACTOR=${STEP_FACTOR:-2}       # a rollout may take 2x the expert's steps
 NUM_ENVS=${NUM_ENVS:-32}            # rollouts decoded together
-PROBE_LAST=${PROBE_LAST:-0}         # 1: also probe the last checkpoint of the runs after the first
 RECORDS=${RECORDS:-100}             # probe and conflict records per split
+if [ -n "$ALFWORLD_DATA" ]; then
+  [ -d "$ALFWORLD_DATA" ] || { echo "error: ALFWORLD_DATA=$ALFWORLD_DATA is not a folder" >&2; exit 2; }
+  DATA=${DATA:-data/study_real}
+  OUT=${OUT:-results/study_real}
+  SEEDS=${SEEDS:-"0 1 2"}           # training seeds: LoRA init, masking draw, batch order (same data)
+  DATA_ARGS=(--alfworld-data "$ALFWORLD_DATA" --alfworld-train-per-type "${TRAIN_PER_TYPE:-40}" --alfworld-test-per-type 16)
+  SAVE_STEPS=${SAVE_STEPS:-8,16,33,66}
+  PROBE_ALL=${PROBE_ALL:-"0.0 0.3"}  # the first seed's runs whose every checkpoint is probed
+  PROBE_LAST=${PROBE_LAST:-1}
+else
+  DATA=${DATA:-data/study}
+  OUT=${OUT:-results/study}
+  SEEDS=${SEEDS:-$SEED}
+  DATA_ARGS=(--alfworld-train-per-type 40 --alfworld-test-per-type 16)
+  SAVE_STEPS=${SAVE_STEPS:-}        # empty: 4 evenly spaced checkpoints
+  PROBE_ALL=${PROBE_ALL:-0.0}
+  PROBE_LAST=${PROBE_LAST:-0}       # 1: also probe the last checkpoint of the other runs
+fi
 mkdir -p "$OUT"
 stage() { printf '\n== [%s] %s\n' "$(date +%H:%M:%S)" "$*"; }
 # timed NAME CMD...: run CMD, append "NAME seconds peak_rss_kb" to stages.tsv (a resumed stage adds a line)
@@ -32,12 +57,14 @@ timed() { local name=$1; shift; /usr/bin/time -f "$name	%e	%M" -a -o "$OUT/stage
 
 stage "1/7 data: ALFWorld games and expert steps with search -> $DATA"
 if [ ! -f "$DATA/meta.json" ]; then
-  timed data $PY make_data.py --env alfworld --seed "$SEED" --out "$DATA" --alfworld-train-per-type 40 \
-    --alfworld-test-per-type 16 --alfworld-search 2 --jobs "$THREADS"
+  timed data $PY make_data.py --env alfworld --seed "$SEED" --out "$DATA" "${DATA_ARGS[@]}" --alfworld-search 2 \
+    --jobs "$THREADS"
 fi
 N=$(wc -l < "$DATA/alfworld_train.jsonl")
 STEPS=$(( (N + BATCH - 1) / BATCH * EPOCHS ))
-SAVE=$(( (STEPS + 3) / 4 ))  # 4 checkpoints per run
+SAVE=$(( (STEPS + 3) / 4 ))  # 4 checkpoints per run unless SAVE_STEPS lists them
+SAVE_ARGS=(--save-every "$SAVE")
+[ -z "$SAVE_STEPS" ] || SAVE_ARGS=(--save-steps "$SAVE_STEPS")
 
 stage "2/7 expert and random policies (the ceiling and the floor) on the same episodes"
 for POLICY in expert random; do
@@ -61,32 +88,37 @@ stage "4/7 probe and conflict probe of the base model on $RECORDS in-domain + $R
 timed probe_base $PY probe.py --data "$DATA/alfworld_id_test.jsonl" "$DATA/alfworld_ood_test.jsonl" $PROBE_ARGS \
   --conflicts "$OUT/conflicts.jsonl" --conflicts-out "$OUT/conflicts/base" --out "$OUT/probe/base"
 
-FIRST_K=${KS%% *}
-for K in $KS; do
-  RUN="$OUT/runs/k${K}_seed$SEED"
-  stage "5/7 train: LoRA SFT, k=$K, $N steps x $EPOCHS epochs = $STEPS optimizer steps, checkpoint every $SAVE -> $RUN"
-  if [ ! -f "$RUN/done" ]; then
-    # shellcheck disable=SC2086  # TRAIN_ARGS is a word list on purpose
-    timed "train_k$K" $PY train.py --data "$DATA/alfworld_train.jsonl" --mask-action-frac "$K" --seed "$SEED" \
-      --epochs "$EPOCHS" --batch-size "$BATCH" --save-every "$SAVE" --log-every 10 --threads "$THREADS" $TRAIN_ARGS \
-      --out "$RUN" $( [ -d "$RUN" ] && echo --resume )
-    touch "$RUN/done"
-  fi
-  stage "6/7 k=$K: rollouts of the last checkpoint (up to $EPISODES in-domain and out-of-domain episodes per mode), probes"
-  timed "eval_k$K" $PY evaluate.py --adapter "$RUN" --data "$DATA" --env alfworld --mode both --no-log-both --max-episodes "$EPISODES" \
-    --max-steps-factor "$STEP_FACTOR" --max-thought-tokens 96 --num-envs "$NUM_ENVS" --max-rows "$NUM_ENVS" --seed "$SEED" \
-    --threads "$THREADS" --out "$OUT/eval/k${K}_seed$SEED"
-  # The training dynamics come from the first run's checkpoints; the other runs are compared online
-  # (rollouts), and with PROBE_LAST=1 by their last checkpoint's probes too.
-  CKPTS=$RUN
-  if [ "$K" != "$FIRST_K" ]; then
-    [ "$PROBE_LAST" = 1 ] || continue
-    CKPTS=$(ls -d "$RUN"/checkpoint-* | tail -1)
-  fi
-  # shellcheck disable=SC2086
-  timed "probe_k$K" $PY probe.py --no-base --checkpoints "$CKPTS" --data "$DATA/alfworld_id_test.jsonl" \
-    "$DATA/alfworld_ood_test.jsonl" $PROBE_ARGS --conflicts "$OUT/conflicts.jsonl" \
-    --conflicts-out "$OUT/conflicts/k${K}_seed$SEED" --out "$OUT/probe/k${K}_seed$SEED"
+FIRST_SEED=${SEEDS%% *}
+for S in $SEEDS; do
+  for K in $KS; do
+    NAME="k${K}_seed$S"
+    RUN="$OUT/runs/$NAME"
+    stage "5/7 train $NAME: LoRA SFT, $N steps x $EPOCHS epochs = $STEPS optimizer steps, checkpoints ${SAVE_STEPS:-every $SAVE} -> $RUN"
+    if [ ! -f "$RUN/done" ]; then
+      # shellcheck disable=SC2086  # TRAIN_ARGS is a word list on purpose
+      timed "train_$NAME" $PY train.py --data "$DATA/alfworld_train.jsonl" --mask-action-frac "$K" --seed "$S" \
+        --epochs "$EPOCHS" --batch-size "$BATCH" "${SAVE_ARGS[@]}" --log-every 10 --threads "$THREADS" $TRAIN_ARGS \
+        --out "$RUN" $( [ -d "$RUN" ] && echo --resume )
+      touch "$RUN/done"
+    fi
+    stage "6/7 $NAME: rollouts of the last checkpoint (up to $EPISODES in-domain and out-of-domain episodes per mode), probes"
+    timed "eval_$NAME" $PY evaluate.py --adapter "$RUN" --data "$DATA" --env alfworld --mode both --no-log-both \
+      --max-episodes "$EPISODES" --max-steps-factor "$STEP_FACTOR" --max-thought-tokens 96 --num-envs "$NUM_ENVS" \
+      --max-rows "$NUM_ENVS" --seed "$SEED" --threads "$THREADS" --out "$OUT/eval/$NAME"
+    # The training dynamics come from the first seed's PROBE_ALL runs (every checkpoint); the other runs
+    # are compared by their last checkpoint (PROBE_LAST=1) and online.
+    if [ "$S" = "$FIRST_SEED" ] && [[ " $PROBE_ALL " == *" $K "* ]]; then
+      CKPTS=$RUN
+    elif [ "$PROBE_LAST" = 1 ]; then
+      CKPTS=$(ls -d "$RUN"/checkpoint-* | tail -1)
+    else
+      continue
+    fi
+    # shellcheck disable=SC2086
+    timed "probe_$NAME" $PY probe.py --no-base --checkpoints "$CKPTS" --data "$DATA/alfworld_id_test.jsonl" \
+      "$DATA/alfworld_ood_test.jsonl" $PROBE_ARGS --conflicts "$OUT/conflicts.jsonl" \
+      --conflicts-out "$OUT/conflicts/$NAME" --out "$OUT/probe/$NAME"
+  done
 done
 
 stage "7/7 report: tables and figures"

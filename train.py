@@ -69,6 +69,8 @@ parser.add_argument("--seed", type=int, default=0, help="seeds masking choice, d
 # output
 parser.add_argument("--out", default="runs/k{k}_seed{seed}", help="run folder ({k} and {seed} are filled in)")
 parser.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0 = only at the end)")
+parser.add_argument("--save-steps", default="", help="comma list of extra steps to checkpoint at (e.g. 8,16,33,66: denser "
+                                                     "early, where the probes' curves move); the last step is always saved")
 parser.add_argument("--log-every", type=int, default=5, help="log line + metrics.jsonl every N steps")
 parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
 parser.add_argument("--init-adapter", default="", help="start from this LoRA adapter's weights (a train.py or PEFT checkpoint) "
@@ -219,6 +221,12 @@ for name, low in (("batch_size", 1), ("log_every", 1), ("max_len", 1), ("micro_b
                   ("max_examples", 0), ("max_steps", 0), ("save_every", 0), ("stop_at_step", 0), ("threads", 0)):
     if getattr(args, name) < low:
         fail(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(args, name)}")
+try:
+    save_steps = {int(x) for x in args.save_steps.split(",") if x.strip()}
+except ValueError:
+    fail(f"--save-steps must be a comma list of step numbers, got {args.save_steps!r}")
+if any(x < 1 for x in save_steps):
+    fail(f"--save-steps must list steps >= 1, got {args.save_steps!r}")
 if not args.epochs > 0 or not args.lr > 0 or not 0 <= args.warmup_frac <= 1:
     fail(f"--epochs and --lr must be positive and --warmup-frac in [0, 1], got {args.epochs}, {args.lr}, {args.warmup_frac}")
 if args.threads:
@@ -371,7 +379,8 @@ while step < total_steps:
         t_log = time.time()
     if log_now:
         acc = dict.fromkeys(acc, 0.0)
-    if step == total_steps or (args.save_every and step % args.save_every == 0) or step == args.stop_at_step:
+    if (step == total_steps or (args.save_every and step % args.save_every == 0) or step in save_steps
+            or step == args.stop_at_step):
         if main_process:
             save_checkpoint(model, tok, optimizer, step, epoch, data_hashes)
         if world > 1:
