@@ -315,17 +315,23 @@ def _dotted(node):
 def parse_calls(text):
     """'[f(a=1), m.g(b="x")]' -> [{"f": {"a": 1}}, {"m.g": {"b": "x"}}]; ValueError if not calls.
 
-    Values must be literals (ast.literal_eval); nothing is executed."""
+    Values must be literals (ast.literal_eval); nothing is executed. Any text is a ValueError at worst:
+    nesting too deep for the parser (RecursionError) or literals too large are said, never raised."""
     try:
         tree = ast.parse(text.strip(), mode="eval").body
     except SyntaxError as e:
         raise ValueError(f"not a Python call list: {e.msg}") from None
+    except (RecursionError, MemoryError):
+        raise ValueError("not a Python call list: nested too deeply or too large") from None
     nodes = tree.elts if isinstance(tree, (ast.List, ast.Tuple)) else [tree]
     calls = []
     for node in nodes:
         if not isinstance(node, ast.Call) or node.args:
             raise ValueError("each item must be a call with keyword arguments only")
-        calls.append({_dotted(node.func): {kw.arg: ast.literal_eval(kw.value) for kw in node.keywords}})
+        try:
+            calls.append({_dotted(node.func): {kw.arg: ast.literal_eval(kw.value) for kw in node.keywords}})
+        except (TypeError, SyntaxError, RecursionError, MemoryError):  # ValueError passes through as it is
+            raise ValueError("arguments must be literals (strings, numbers, lists, dicts, True/False/None)") from None
     return calls
 
 
@@ -346,7 +352,7 @@ class Bfcl(ClosingEnv):
         """(valid, error) of an answer string under BFCL's AST checker."""
         try:
             calls = parse_calls(action)
-        except (ValueError, TypeError) as e:
+        except ValueError as e:
             return False, str(e)
         result = self._checker(self._task["functions"], calls, self._task["ground_truth"], self._language,
                                self._task["task_type"], "local")
@@ -373,6 +379,7 @@ BFCL_MT_ID = "multi_turn_base"
 BFCL_MT_OOD = "multi_turn_long_context"
 BFCL_MT_TEST_FRAC = 0.25   # share of base entries held out as id_test (by a hash of the id)
 BFCL_MT_OBS_CAP = 600      # characters of one call's result the agent sees (the rest is cut, and the cut is said)
+BFCL_MT_STEP_CAP = 4       # a whole step's observation, however many calls it made: at most this many call caps
 END_TURN = "[]"            # the action with no call: the reply to the user that ends their turn
 _TYPE_NAMES = {"string": "str", "integer": "int", "float": "float", "number": "float", "boolean": "bool",
                "array": "list", "dict": "dict", "object": "dict", "tuple": "tuple", "any": "any"}
@@ -482,7 +489,8 @@ class BfclMultiTurn(ClosingEnv):
     """One multi-turn BFCL entry per episode, on BFCL's own backends, executor and checker.
 
     An action is a call list `[f(a=1), g(b='x')]`; the observation is each call's result,
-    `f(a=1) -> {...}`, cut at the task's obs_cap characters (the cut said in the text); `[]` ends the
+    `f(a=1) -> {...}`, cut at the task's obs_cap characters (the cut said in the text; the whole step's
+    text at BFCL_MT_STEP_CAP times that, so a list of many calls cannot flood the context); `[]` ends the
     user's turn and their next message follows (`User: ...`). The episode is won when BFCL's multi-turn
     checker passes on all turns; score is the share of leading turns that pass.
 
@@ -536,11 +544,11 @@ class BfclMultiTurn(ClosingEnv):
     def user_turn(self, t):
         return f"User: {self.questions[t]}"
 
-    def _clip(self, result):
-        result = str(result)
-        if len(result) <= self._cap:
+    def _clip(self, result, cap=None):
+        result, cap = str(result), cap or self._cap
+        if len(result) <= cap:
             return result
-        return result[:self._cap] + f" ... [{len(result) - self._cap} more characters cut]"
+        return result[:cap] + f" ... [{len(result) - cap} more characters cut]"
 
     def _info(self, invalid, won=False):
         return {"won": won, "score": self._passed / len(self.questions), "invalid": invalid,
@@ -560,7 +568,8 @@ class BfclMultiTurn(ClosingEnv):
                 calls, e["initial_config"], e["involved_classes"], self._prefix + "live", e["id"],
                 long_context="long_context" in e["id"])
             self._current.append(calls)
-            return "\n".join(f"{c} -> {self._clip(r)}" for c, r in zip(calls, results)), 0.0, False, self._info(False)
+            obs = "\n".join(f"{c} -> {self._clip(r)}" for c, r in zip(calls, results))
+            return self._clip(obs, BFCL_MT_STEP_CAP * self._cap), 0.0, False, self._info(False)
         self._turns.append(self._current)
         self._current = []
         if self._passed == len(self._turns) - 1 and self.check(self._turns):
@@ -674,7 +683,7 @@ def _parses(action):
     try:
         parse_calls(action)
         return True
-    except (ValueError, TypeError, SyntaxError):
+    except ValueError:
         return False
 
 

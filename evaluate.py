@@ -38,7 +38,16 @@ import subprocess
 import sys
 import time
 
-parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+# The flags that change episodes: a rerun into the same --out resumes only with these (and the same test
+# files, base model and checkpoint weights); the others (parallelism, backend, threads, device) change speed only.
+RESULT_FLAGS = ("policy", "mode", "no_log_both", "env", "split", "max_episodes", "max_steps", "max_steps_factor",
+                "history", "max_action_tokens", "max_thought_tokens", "max_len", "seed", "dtype")
+parser = argparse.ArgumentParser(
+    description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    epilog="An output folder holds one configuration and one writer: a rerun into it resumes only with the same "
+           + ", ".join("--" + f.replace("_", "-") for f in RESULT_FLAGS if f != "dtype") + ", test files, base model, "
+           "precision and checkpoint weights (new checkpoints may join); otherwise one line says what differs. "
+           "A second process on it is refused.")
 # what to run
 parser.add_argument("--policy", default="model", choices=["model", "expert", "random"], help="who acts")
 parser.add_argument("--model", default="", help="base model: hub id, local folder, or smollm2-135m (embedded); default: the "
@@ -81,12 +90,15 @@ from tqdm import tqdm  # noqa: E402
 
 import steps  # noqa: E402
 
+steps.exit_on_signals()
 HERE = os.path.dirname(os.path.abspath(__file__))
-METRICS = ["won", "score", "steps", "invalid_rate", "agreement"]
+# context_exceeded: the episode ended because its next prompt no longer fit the context (a loss of its own)
+METRICS = ["won", "score", "steps", "invalid_rate", "agreement", "context_exceeded"]
+TEST_FILES = []  # the step files load_tasks read: the episodes' identity for --out
 
 
 def fail(msg):
-    sys.exit(f"error: {msg}")
+    sys.exit(f"\nerror: {msg}")  # on a line of its own, after any progress bar
 
 
 # ----------------------------------------------------------------------------- episodes
@@ -109,6 +121,7 @@ def load_tasks():
     meta_path = os.path.join(args.data, "meta.json")
     data_args = {}
     if os.path.exists(meta_path):
+        TEST_FILES.append(meta_path)
         try:
             with open(meta_path) as f:
                 data_args = json.load(f)["args"]
@@ -123,7 +136,12 @@ def load_tasks():
             path = os.path.join(args.data, f"{env}_{split}.jsonl")
             if not os.path.exists(path):
                 fail(f"{path} not found: make it with make_data.py (or pass --data)")
-            expert_steps = collections.Counter(r["task_id"] for r in steps.read_jsonl(path, required=("task_id",)))
+            numbered = steps.read_jsonl_lines(path, required=("task_id",))
+            for lineno, r in numbered:
+                if not isinstance(r["task_id"], str):
+                    fail(f"{path}:{lineno}: field 'task_id' must be a string, got {type(r['task_id']).__name__}")
+            expert_steps = collections.Counter(r["task_id"] for _, r in numbered)
+            TEST_FILES.append(path)
             ids = list(expert_steps)  # file order
             if args.max_episodes and len(ids) > args.max_episodes:
                 ids = [ids[i] for i in sorted(rng.sample(range(len(ids)), args.max_episodes))]
@@ -219,7 +237,8 @@ def step_cap(task, env_cap):
 def begin(ep):
     """Reset state of an (re)started episode."""
     ep.update(observations=[], actions=[], transcript=[], won=False, score=0.0, invalid=0, goal=None, functions=None,
-              tools=None, turns_passed=None, max_steps=None, plan=None, valid=None, t_start=time.time())
+              tools=None, turns_passed=None, max_steps=None, plan=None, valid=None, context_exceeded=False,
+              t_start=time.time())
 
 
 def finish(ep, error=None):
@@ -229,7 +248,8 @@ def finish(ep, error=None):
     return {k: ep[k] for k in ("id", "checkpoint", "step", "env", "task_type", "split", "task_id", "mode")} | {
         "won": bool(ep["won"]) if error is None else False, "score": ep["score"] if error is None else 0.0,
         "steps": n, "max_steps": ep["max_steps"], "expert_steps": ep["task"].get("expert_steps"), "invalid_actions": ep["invalid"], "invalid_rate": round(ep["invalid"] / n, 4) if n else None,
-        "agreement": round(sum(agree) / len(agree), 4) if agree else None, "error": error,
+        "agreement": round(sum(agree) / len(agree), 4) if agree else None, "context_exceeded": ep["context_exceeded"],
+        "error": error,
         "errored": error is not None, "tries": ep["tries"], "seconds": round(time.time() - ep["t_start"], 2),
         **({"turns_passed": ep["turns_passed"]} if ep["env"] == "bfcl_mt" else {}), "transcript": ep["transcript"]}
 
@@ -248,12 +268,16 @@ class HFPolicy:
         self.cache.pop(key, None)
 
     def act(self, keys_list, messages_list, wants):
+        """[{mode: generated text}] per state; None for a state whose prompt no longer fits the context."""
         import lm
         thought_tag, action_tag = steps.tags()
         prompts = [steps.render_prompt(self.tok, m) for m in messages_list]
         enc = [lm.encode_parts(self.tok, [p, action_tag, thought_tag]) for p in prompts]
-        lm.check_fits(self.model, [f"episode {k}" for k in keys_list], [len(e[0]) for e in enc],
-                      max(args.max_action_tokens, args.max_thought_tokens) + 2, args.max_len)
+        fit = fits(self.model, [len(e[0]) for e in enc])
+        if not all(fit):
+            keep = [i for i, f in enumerate(fit) if f]
+            got = iter(self.act(*[[xs[i] for i in keep] for xs in (keys_list, messages_list, wants)]) if keep else [])
+            return [next(got) if f else None for f in fit]
         branches, keys = [], []
         for i, want in enumerate(wants):
             if "prompt" in want:
@@ -315,8 +339,9 @@ class GeneratePolicy:
         out = []
         for key, messages, want in zip(keys_list, messages_list, wants):
             prompt = steps.render_prompt(self.tok, messages)
-            lm.check_fits(self.model, [f"episode {key}"], [len(self.tok(prompt)["input_ids"])],
-                          max(args.max_action_tokens, args.max_thought_tokens) + 2, args.max_len)
+            if not fits(self.model, [len(self.tok(prompt)["input_ids"])])[0]:
+                out.append(None)
+                continue
             res = {}
             if "prompt" in want:
                 res["prompt"] = self._generate(sum(lm.encode_parts(self.tok, [prompt, action_tag]), []),
@@ -326,6 +351,13 @@ class GeneratePolicy:
                                             args.max_thought_tokens, "action")
             out.append(res)
         return out
+
+
+def fits(model, lengths):
+    """Per prompt length: does it, with the most tokens a step may generate, fit --max-len or the model's context?"""
+    limit = args.max_len or getattr(model.config, "max_position_embeddings", 0) or 0
+    extra = max(args.max_action_tokens, args.max_thought_tokens) + 2
+    return [not limit or n + extra <= limit for n in lengths]
 
 
 def parse_mode(mode, text):
@@ -401,6 +433,15 @@ def run_checkpoint(ckpt, episodes, policy, workers, fout):
             outputs = policy.act([slots[s]["id"] for s in live], msgs, wants)
         for s, out in zip(live, outputs):
             ep = slots[s]
+            if out is None:  # its prompt outgrew the context: the episode ends here, as its own outcome
+                ep["context_exceeded"] = True
+                if policy is not None:
+                    policy.forget(ep["id"])
+                steps.append_jsonl(fout, [finish(ep)])
+                slots[s] = None
+                n_done += 1
+                bar.update()
+                continue
             t = len(ep["actions"])
             if args.policy == "expert":
                 action, entry = (ep["plan"][t] if t < len(ep["plan"]) else "look"), {}
@@ -509,8 +550,7 @@ for name, low in (("num_envs", 1), ("max_rows", 1), ("max_action_tokens", 1), ("
                   ("max_episodes", 0), ("max_steps", 0), ("history", 0), ("threads", 0)):
     if getattr(args, name) < low:
         fail(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(args, name)}")
-if args.max_steps_factor < 0 or not args.step_timeout > 0:
-    fail(f"--max-steps-factor must be >= 0 and --step-timeout > 0, got {args.max_steps_factor}, {args.step_timeout}")
+steps.check_numbers(args, {"max_steps_factor": (0, None), "step_timeout": (("<", 0), None)}, fail)
 ckpts = checkpoint_list()
 try:
     tasks = load_tasks()
@@ -521,36 +561,48 @@ if not tasks:
 modes = ["prompt", "cot"] if args.mode == "both" else [args.mode]
 if args.policy != "model":
     modes = [args.policy]
-os.makedirs(args.out, exist_ok=True)
+model_path, dtype = None, None
+if args.policy == "model":
+    import torch
+
+    import lm
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device, dtype = lm.pick_device(args.device)
+    try:
+        args.model = steps.base_model(args.model, [c for _, _, c in ckpts if c])
+    except ValueError as e:
+        fail(str(e))
+    try:
+        model_path = lm.resolve_model(args.model)
+        tok = lm.load_tokenizer(model_path)
+    except (OSError, ValueError) as e:
+        fail(f"cannot load model {args.model!r}: {e}")
+# One writer and one configuration per output folder, checked before anything there is read or written.
+steps.claim_output(args.out, fail)
 out_path = os.path.join(args.out, "episodes.jsonl")
+made_from = steps.check_made_from(
+    os.path.join(args.out, "meta.json"),
+    {"settings": {name: getattr(args, name) for name in RESULT_FLAGS if name != "dtype"} | {"dtype": str(dtype)},
+     "inputs": {**{f: steps.file_digest(f) for f in TEST_FILES},
+                **({"model": steps.model_identity(model_path)} if model_path else {})},
+     "checkpoints": {name: steps.folder_digest(c) if c else name for name, _, c in ckpts}}, [out_path], fail)
 try:
     done = {r["id"] for r in latest(steps.read_done(out_path)) if not r["errored"]}  # errored episodes run again
 except steps.DataError as e:
     fail(str(e))
 todos = [[ep for mode in modes for t in tasks for ep in [new_episode(t, mode, ckpt)] if ep["id"] not in done]
          for ckpt in ckpts]
-# The workers start first: they import and build their environments while this process loads torch and the model.
+# The workers start first: they import and build their environments while this process loads the model.
 workers = [Worker({t["env"] for t in tasks}) for _ in range(min(args.num_envs, max(map(len, todos), default=0)))]
 try:
-    model_path = None
     if args.policy == "model":
-        import torch
-
-        import lm
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        device, dtype = lm.pick_device(args.device)
-        try:
-            args.model = steps.base_model(args.model, [c for _, _, c in ckpts if c])
-            model_path = lm.resolve_model(args.model)
-            tok = lm.load_tokenizer(model_path)
-        except (OSError, ValueError) as e:
-            fail(f"cannot load model {args.model!r}: {e}")
         print(f"evaluate: policy model, backend {args.backend}, device {device} ({dtype}), model {model_path}")
     print(f"evaluate: {len(ckpts)} checkpoint(s) x {len(tasks)} episodes x modes {','.join(modes)}, "
           f"{args.num_envs} envs, {len(done)} episodes already in {out_path}")
     steps.write_json_atomic(os.path.join(args.out, "meta.json"), {"args": vars(args), "model_path": model_path,
-                                                                  "checkpoints": ckpts, "episodes": len(tasks)})
+                                                                  "checkpoints": ckpts, "episodes": len(tasks),
+                                                                  "made_from": made_from})
     with open(out_path, "a") as fout:
         for ckpt, todo in zip(ckpts, todos):
             if not todo:
@@ -558,11 +610,11 @@ try:
             policy = None
             if args.policy == "model":
                 cls = GeneratePolicy if args.backend == "generate" else HFPolicy
-                policy = cls(lm.load_model(model_path, ckpt[2], device, dtype), tok)
-            try:
-                run_checkpoint(ckpt, todo, policy, workers[:len(todo)], fout)
-            except steps.ContextError as e:  # finished episodes are kept; a rerun with a fix continues
-                fail(str(e))
+                try:
+                    policy = cls(lm.load_model(model_path, ckpt[2], device, dtype), tok)
+                except ValueError as e:
+                    fail(str(e))
+            run_checkpoint(ckpt, todo, policy, workers[:len(todo)], fout)
             del policy
 finally:
     for w in workers:

@@ -51,6 +51,7 @@ def resolve_model(name):
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
+    steps.umask_mode(tmp)
     os.replace(tmp, folder)
     return folder
 
@@ -287,6 +288,9 @@ def load_model(path, adapter, device, dtype):
             model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
         else:  # a --full-finetune checkpoint is a whole model folder
             model = AutoModelForCausalLM.from_pretrained(adapter, dtype=dtype)
+        # A diverged run's weights would give records and episodes that look like an ordinary weak model's.
+        if not all(torch.isfinite(p).all() for p in model.parameters()):
+            raise ValueError(f"{adapter}: non-finite weights (a diverged training run?); not probed or rolled out")
     return model.to(device).eval()
 
 

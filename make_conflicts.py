@@ -31,7 +31,12 @@ import random
 import re
 import sys
 
-parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+RESULT_FLAGS = ("methods", "keep_frac", "max_per_split", "seed")  # with the input files: what the records depend on
+parser = argparse.ArgumentParser(
+    description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    epilog="An output holds one configuration and one writer: an existing --out is rewritten only with the same "
+           + ", ".join("--" + f.replace("_", "-") for f in RESULT_FLAGS) + " and input files (the same bytes again); "
+           "otherwise one line says what differs. A second process on it is refused.")
 parser.add_argument("--data", nargs="+", default=["data/generated/*_id_test.jsonl", "data/generated/*_ood_test.jsonl"],
                     help="step JSONL files or globs (sorted) to build conflicts for")
 parser.add_argument("--pool", nargs="+", default=["data/generated/*_train.jsonl"],
@@ -45,6 +50,8 @@ parser.add_argument("--out", default="data/generated/conflicts.jsonl", help="out
 args = parser.parse_args()
 
 import steps  # noqa: E402
+
+steps.exit_on_signals()
 
 # Verb phrases that take more than one word; any other action's verb is its first word.
 VERBS = ("open door to", "go to", "teleport to", "pick up", "put down", "focus on", "look at", "look around")
@@ -107,8 +114,7 @@ methods = args.methods.split(",")
 for m in methods:
     if m not in ("borrow", "template"):
         fail(f"--methods: unknown method {m!r}, expected borrow and/or template")
-if not 0 < args.keep_frac <= 1:
-    fail(f"--keep-frac must be in (0, 1], got {args.keep_frac}")
+steps.check_numbers(args, {"keep_frac": (("<", 0), 1), "max_per_split": (0, None)}, fail)
 data_files, pool_files = expand(args.data), expand(args.pool)
 try:
     records = steps.read_steps_files(data_files)
@@ -122,6 +128,11 @@ except steps.DataError as e:
     fail(str(e))
 if not records:
     fail(f"no step records in {', '.join(data_files)}")
+steps.claim_output(args.out, fail, is_file=True)
+made_from = steps.check_made_from(
+    args.out + ".meta.json", {"settings": {name: getattr(args, name) for name in RESULT_FLAGS},
+                              "inputs": {f: steps.file_digest(f) for f in sorted(set(data_files) | set(pool_files))},
+                              "checkpoints": {}}, [args.out], fail)
 
 # Borrowable thoughts by (env, action kind), in a fixed order.
 by_kind = {}
@@ -176,7 +187,7 @@ for recs in steps.sample_per_split(records, args.max_per_split, args.seed).value
 
 steps.write_jsonl_atomic(args.out, out)
 steps.write_json_atomic(args.out + ".meta.json", {"args": vars(args), "data": data_files, "pool": pool_files,
-                                                  "records": len(out), "skipped": skipped})
+                                                  "records": len(out), "skipped": skipped, "made_from": made_from})
 by_method = {m: sum(r["method"] == m for r in out) for m in methods}
 print(f"conflicts done: {len(out)} records ({', '.join(f'{m} {n}' for m, n in by_method.items())}), "
       f"skipped {', '.join(f'{k}: {v}' for k, v in skipped.items())}, {args.out}")

@@ -53,7 +53,13 @@ from tqdm import tqdm
 import envs
 import steps
 
-parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+steps.exit_on_signals()
+
+parser = argparse.ArgumentParser(
+    description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    epilog="An output folder holds one configuration and one writer: a rerun into it with other flags (any but "
+           "--jobs, which changes only the speed) is refused with one line saying what differs; with the same flags "
+           "it writes the same bytes again. A second process on it is refused.")
 # what to build
 parser.add_argument("--env", default="all", help="comma list of alfworld, scienceworld, bfcl, bfcl_mt, or 'all'")
 parser.add_argument("--out", default="data/generated", help="output folder for <env>_<split>.jsonl and meta.json")
@@ -653,6 +659,10 @@ def import_conversations(path):
     return records
 
 
+def fail(msg):
+    sys.exit(f"error: {msg}")
+
+
 def versions():
     import importlib.metadata as md
     return {p: md.version(p) for p in ("alfworld", "textworld", "scienceworld", "bfcl-eval")}
@@ -670,19 +680,29 @@ def main():
         sys.exit(f"error: --jobs must be at least 1, got {args.jobs}")
     if args.bfcl_mt_obs_cap < 1:
         sys.exit(f"error: --bfcl-mt-obs-cap must be at least 1, got {args.bfcl_mt_obs_cap}")
+    settings = {k: v for k, v in vars(args).items() if k not in ("jobs", "out")}
     if args.import_eto:
         if args.import_split not in steps.SPLITS:
             sys.exit(f"error: --import-split {args.import_split!r} is not one of {', '.join(steps.SPLITS)}")
         records = import_conversations(args.import_eto)
         name = os.path.splitext(os.path.basename(args.import_eto))[0]
         out = os.path.join(args.out, f"import_{name}_{args.import_split}.jsonl")
+        steps.claim_output(args.out, fail)
+        made_from = steps.check_made_from(out + ".meta.json", {"settings": settings, "checkpoints": {},
+                                                              "inputs": {args.import_eto: steps.file_digest(args.import_eto)}},
+                                          [out], fail)
         steps.write_jsonl_atomic(out, records)
+        steps.write_json_atomic(out + ".meta.json", {"args": vars(args), "steps": len(records), "made_from": made_from})
         print(f"imported {len(records)} steps from {args.import_eto} -> {out}")
         return
     names = list(steps.ENVS) if args.env == "all" else args.env.split(",")
     for name in names:
         if name not in steps.ENVS:
             sys.exit(f"error: unknown environment {name!r} in --env; expected {', '.join(steps.ENVS)} or all")
+    steps.claim_output(args.out, fail)
+    meta["made_from"] = steps.check_made_from(os.path.join(args.out, "meta.json"),
+                                              {"settings": settings, "inputs": {}, "checkpoints": {}},
+                                              [os.path.join(args.out, "meta.json")], fail)
     t0 = time.time()
     for name in names:
         by_split = build_env(name, random.Random(f"{args.seed}/{name}"), meta)

@@ -51,7 +51,15 @@ import random
 import sys
 import time
 
-parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+# The flags that change records: a rerun into the same --out resumes only with these (and the same inputs,
+# model and checkpoint weights); the others (batching, threads, device) change speed only.
+RESULT_FLAGS = ("max_records", "max_action_tokens", "max_thought_tokens", "trunc_fracs", "no_candidates",
+                "attribution_samples", "max_len", "seed", "dtype")
+parser = argparse.ArgumentParser(
+    description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    epilog="An output folder holds one configuration and one writer: a rerun into it resumes only with the same "
+           + ", ".join("--" + f.replace("_", "-") for f in RESULT_FLAGS) + ", input files, base model and checkpoint "
+           "weights (new checkpoints may join); otherwise one line says what differs. A second process on it is refused.")
 # inputs
 parser.add_argument("--model", default="", help="base model: hub id, local folder, or smollm2-135m (embedded); default: the "
                                                  "adapters' own base_model_name_or_path where it is a local folder, else smollm2-135m")
@@ -89,6 +97,8 @@ from tqdm import tqdm  # noqa: E402
 import lm  # noqa: E402
 import steps  # noqa: E402
 
+steps.exit_on_signals()
+
 PROBE_METRICS = ["prompt_correct", "cot_correct", "consistent", "cot_tag_missing", "helpful", "harmful", "neutral",
                  "ll_prompt_sum", "ll_prompt_mean", "ll_thought_sum", "ll_thought_mean", "ll_own_sum", "ll_own_mean",
                  "rank1_prompt", "rank1_thought", "attn_prompt", "attn_thought", "attn_other",
@@ -97,7 +107,7 @@ CONFLICT_METRICS = ["follows", "anchors", "neither", "prefers_a2", "ll_a1_mean",
 
 
 def fail(msg):
-    sys.exit(f"error: {msg}")
+    sys.exit(f"\nerror: {msg}")  # on a line of its own, after any progress bar
 
 
 def checkpoint_list():
@@ -351,6 +361,9 @@ except ValueError:
     fail(f"--trunc-fracs must be a comma list of numbers in [0, 1], got {args.trunc_fracs!r}")
 if not all(0 <= f <= 1 for f in fracs):
     fail(f"--trunc-fracs must be a comma list of numbers in [0, 1], got {args.trunc_fracs!r}")
+pcts = [int(round(100 * f)) for f in fracs]  # each fraction is stored under its whole percent (trunc_ll_50)
+if len(set(pcts)) < len(pcts):
+    fail(f"--trunc-fracs must differ by whole percents (they are stored as trunc_ll_<percent>), got {args.trunc_fracs!r}")
 if args.threads:
     torch.set_num_threads(args.threads)
 device, dtype = lm.pick_device(args.device)
@@ -370,7 +383,10 @@ try:
         attr_ids |= sampled if kind == "steps" else set()
 except steps.DataError as e:
     fail(str(e))
-args.model = steps.base_model(args.model, [c for _, _, c in ckpts if c])
+try:
+    args.model = steps.base_model(args.model, [c for _, _, c in ckpts if c])
+except ValueError as e:
+    fail(str(e))
 try:
     model_path = lm.resolve_model(args.model)
     tok = lm.load_tokenizer(model_path)
@@ -383,9 +399,18 @@ for name, _, ckpt in ckpts:
         if trained_on and os.path.abspath(trained_on) != os.path.abspath(model_path) and trained_on != args.model:
             fail(f"{ckpt} was trained on {trained_on}, not on --model {model_path}")
 
-done_recs, done, fouts = {}, {}, {}
+done_recs, done, fouts, made_from = {}, {}, {}, {}
+settings = {name: getattr(args, name) for name in RESULT_FLAGS} | {"dtype": str(dtype)}
+ckpt_ids = {name: steps.folder_digest(ckpt) for name, _, ckpt in ckpts if ckpt}
+for kind in kinds:  # one writer and one configuration per output folder, checked before anything is read
+    steps.claim_output(outs[kind], fail)
+    inputs = {**{f"{kind} {f}": steps.file_digest(f) for f in files[kind]}, "model": steps.model_identity(model_path)}
+    if kind == "conflicts" and len(kinds) == 2:  # conflicts then come from the steps --data samples
+        inputs.update({f"steps {f}": steps.file_digest(f) for f in files["steps"]})
+    made_from[kind] = steps.check_made_from(os.path.join(outs[kind], "meta.json"),
+                                            {"settings": settings, "inputs": inputs, "checkpoints": ckpt_ids},
+                                            [os.path.join(outs[kind], "records.jsonl")], fail)
 for kind in kinds:
-    os.makedirs(outs[kind], exist_ok=True)
     try:
         done_recs[kind] = steps.read_done(os.path.join(outs[kind], "records.jsonl"))
     except steps.DataError as e:
@@ -396,7 +421,7 @@ for kind in kinds:
           f"{os.path.join(outs[kind], 'records.jsonl')}")
     steps.write_json_atomic(os.path.join(outs[kind], "meta.json"),
                             {"args": vars(args), "model_path": model_path, "checkpoints": ckpts, "files": files[kind],
-                             "device": device, "dtype": str(dtype)})
+                             "device": device, "dtype": str(dtype), "made_from": made_from[kind]})
 
 
 def write_rows(kind, batch, rows, name, step):
@@ -413,7 +438,10 @@ for name, step, ckpt in ckpts:
     todo = {kind: [r for r in records[kind] if f"{name}/{r['id']}" not in done[kind]] for kind in kinds}
     if not any(todo.values()):
         continue
-    model = lm.load_model(model_path, ckpt, device, dtype)
+    try:
+        model = lm.load_model(model_path, ckpt, device, dtype)
+    except ValueError as e:
+        fail(str(e))
     for p in model.parameters():
         p.requires_grad_(False)
     # With both probes, a conflict runs with its step's batch, from the same prompt pass; the rest after.

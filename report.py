@@ -3,8 +3,10 @@
 Reads every <results>/probe/*/records.jsonl, <results>/conflicts/*/records.jsonl and
 <results>/eval/*/episodes.jsonl; each checkpoint is tied to its training run (k = --mask-action-frac,
 seed) through the meta.json that train.py wrote beside it (or a run.json, or the folder name: see
-run_info). Records of all environments are pooled
-per split (id_test / ood_test); every number is a mean with a bootstrap 95% interval.
+run_info). Records are pooled by identity, not by folder (load): a copied folder counts once, two runs
+whose folders share a name stay apart (labelled with their parent folder), and a folder holding records of
+two writers or two configurations is an error. Records of all environments are pooled per split
+(id_test / ood_test); every number is a mean with a bootstrap 95% interval.
 
 Writes to <results>/report/: one PNG per figure and the CSV behind it, and results.md (the tables).
   agreement.png      prompt-action and CoT-action accuracy vs training step, ID and OOD
@@ -15,6 +17,8 @@ Writes to <results>/report/: one PNG per figure and the CSV behind it, and resul
   attribution.png    share of attention and of input gradient of the action on prompt vs thought
   online.png         success rate by mode, ID vs OOD, per k (last checkpoint of each run)
   ood_vs_k.png       OOD success vs k, by mode (seeds pooled)
+  k_effect.csv       each k minus the smallest, paired by step / conflict / game: per seed and pooled over seeds
+                     (two-level bootstrap: seeds, then items), the table in results.md too
 Same inputs, same bytes: nothing here depends on time or order on disk.
 
     python report.py --results results/demo
@@ -22,6 +26,7 @@ Same inputs, same bytes: nothing here depends on time or order on disk.
 """
 import argparse
 import glob
+import hashlib
 import json
 import os
 import re
@@ -36,8 +41,11 @@ import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 
 import steps  # noqa: E402
+
+steps.exit_on_signals()
 
 OUT = os.path.join(args.results, "report")
 SPLITS = ("id_test", "ood_test")
@@ -48,11 +56,26 @@ def fail(msg):
     sys.exit(f"error: {msg}")
 
 
+# Fields that differ between copies of one result (timing, retries, the name the checkpoint was listed under).
+VOLATILE = ("seconds", "tries", "id", "checkpoint")
+# Flags of an older probe.py / evaluate.py meta.json (no made_from) that change speed or naming, not results.
+NOT_CONFIG = ("out", "conflicts_out", "threads", "device", "batch_size", "max_rows", "num_envs", "checkpoints", "adapter",
+              "step_timeout", "worker_cmd", "backend", "no_base", "with_base", "all_checkpoints")
+
+
+def digest(obj):
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
 def run_info(folder):
-    """{checkpoint name: (run, k, seed)} from a probe/eval output's meta.json. k and seed come from train.py's
-    meta.json beside the checkpoint, else a run.json the user wrote in the run folder ({"k": 0.3, "seed": 1}),
-    else a k{k}_seed{seed} folder name; k is a number, "no-CoT", or None (unknown: checkpoints of another
-    trainer), and such runs are grouped and labelled by their folder name."""
+    """(configuration digest, {checkpoint name: info}) of a probe/eval output folder, from its meta.json.
+
+    info: run (the training run's identity), label (its folder name), k, seed, ckpt (the checkpoint's identity:
+    the weights' digest probe.py / evaluate.py recorded in made_from). A run's identity is what train.py says
+    defines it (settings and data by content), so a copied run folder is one run and two runs sharing a
+    folder name are two. k and seed come from train.py's meta.json beside the checkpoint, else a run.json the
+    user wrote in the run folder ({"k": 0.3, "seed": 1}), else a k{k}_seed{seed} folder name; k is a number,
+    "no-CoT", or None (unknown: checkpoints of another trainer), and such runs are labelled by their folder."""
     meta_path = os.path.join(folder, "meta.json")
     if not os.path.exists(meta_path):
         fail(f"{meta_path} missing: not a probe.py / evaluate.py output folder")
@@ -60,22 +83,31 @@ def run_info(folder):
         with open(meta_path) as f:
             meta = json.load(f)
         listed = [(name, path) for name, _, path in meta["checkpoints"]]
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        made = meta.get("made_from")
+        config = digest({k: made[k] for k in ("settings", "inputs")} if made else
+                        {k: v for k, v in meta["args"].items() if k not in NOT_CONFIG})
+        weights = dict(made["checkpoints"]) if made else {}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         fail(f"{meta_path}: not readable probe.py / evaluate.py metadata ({type(e).__name__}: {e})")
     info = {}
     for name, path in listed:
         if path is None:  # the base model, or evaluate.py's expert / random policy
-            info[name] = (name if name in ("expert", "random") else "base", None, None)
+            run = name if name in ("expert", "random") else "base"
+            model = (made or {}).get("inputs", {}).get("model", "") if run == "base" else ""
+            info[name] = {"run": run, "label": run, "k": None, "seed": None, "ckpt": f"{run}:{model}"}
             continue
         k = seed = None
+        run_id = "folder:" + os.path.abspath(os.path.dirname(os.path.normpath(path)))  # an older train.py's run
         ckpt_meta = os.path.join(path, "meta.json")
         run_json = next((p for p in (os.path.join(os.path.dirname(os.path.normpath(path)), "run.json"),
                                      os.path.join(path, "run.json")) if os.path.exists(p)), None)
         if os.path.exists(ckpt_meta):
             try:
                 with open(ckpt_meta) as f:
-                    a = json.load(f)["args"]
+                    m = json.load(f)
+                a = m["args"]
                 k, seed = ("no-CoT" if a.get("no_cot") else a["mask_action_frac"]), a["seed"]
+                run_id = digest(m["run_identity"]) if "run_identity" in m else run_id
             except (OSError, ValueError, KeyError, TypeError) as e:
                 fail(f"{ckpt_meta}: not readable train.py metadata ({type(e).__name__}: {e})")
         elif run_json:
@@ -90,27 +122,69 @@ def run_info(folder):
         else:  # the run folder moved, or another trainer's: train.py's default naming k{k}_seed{seed} if it fits
             m = re.match(r"k([\d.]+)_seed(\d+)", name)
             k, seed = (float(m.group(1)), int(m.group(2))) if m else (None, None)
-        info[name] = (name.split("/")[0], float(k) if isinstance(k, int) else k, seed)
-    return info
+        ckpt = weights.get(name) or (steps.folder_digest(path) if os.path.isdir(path) else "path:" + os.path.abspath(path))
+        info[name] = {"run": run_id, "label": name.split("/")[0], "k": float(k) if isinstance(k, int) else k,
+                      "seed": seed, "ckpt": ckpt, "path": path}
+    return config, info
 
 
 def load(kind, filename):
-    """All records of <results>/<kind>/*/<filename>, each tagged with run, k and seed."""
-    recs = []
+    """All records of <results>/<kind>/*/<filename>, each tagged with run (its label), k and seed.
+
+    Pooled by identity, not by folder: a record is (configuration, run, checkpoint weights, record id), so a
+    copied folder counts once (its records must equal the original's), and two runs whose folders share a name stay
+    apart, labelled with their parent folders. One id twice in a folder (two writers), a record of a checkpoint
+    its meta.json does not list, or one checkpoint with results of two configurations is an error."""
+    recs, seen, configs, labels = [], {}, {}, {}
     for folder in sorted(glob.glob(os.path.join(args.results, kind, "*"))):
         path = os.path.join(folder, filename)
         if not os.path.exists(path):
             continue
-        info = run_info(folder)
+        config, info = run_info(folder)
         try:
-            latest = {r["id"]: r for r in steps.read_jsonl(path, required=("id", "checkpoint"))}  # a retried episode's last record
+            numbered = steps.read_jsonl_lines(path, required=("id", "checkpoint"))
         except steps.DataError as e:
             fail(str(e))
-        for r in latest.values():
-            if r["checkpoint"] not in info or r.get("errored"):  # errored episodes are faults, not losses
+        latest = {}
+        for lineno, r in numbered:
+            if r["checkpoint"] not in info:
+                fail(f"{path}:{lineno}: checkpoint {r['checkpoint']!r} is not in {folder}/meta.json: "
+                     f"records of another configuration in one folder")
+            if r["id"] in latest and not latest[r["id"]][1].get("errored"):  # a retried episode follows its errored record
+                fail(f"{path}:{lineno}: id {r['id']!r} again (first on line {latest[r['id']][0]}): "
+                     f"two writers on one folder? its numbers cannot be trusted")
+            latest[r["id"]] = (lineno, r)
+        for _, r in latest.values():
+            if r.get("errored"):  # errored episodes are faults, not losses
                 continue
-            run, k, seed = info[r["checkpoint"]]
-            recs.append(dict(r, run=run, k=k, seed=seed))
+            i = info[r["checkpoint"]]
+            key = (config, i["run"], i["ckpt"], r["id"][len(r["checkpoint"]) + 1:])
+            if key in seen:
+                other_folder, other = seen[key]
+                if {k: v for k, v in other.items() if k not in VOLATILE} != {k: v for k, v in r.items() if k not in VOLATILE}:
+                    fail(f"{other_folder} and {folder} hold different results for {r['id']} from one configuration "
+                         f"and the same checkpoint weights; keep one of them")
+                continue  # a copy of a folder already pooled: counted once
+            seen[key] = (folder, r)
+            configs.setdefault((i["run"], i["ckpt"]), {}).setdefault(config, folder)
+            labels.setdefault(i["label"], {}).setdefault(i["run"], i.get("path"))
+            recs.append(dict(r, run=i["run"], label=i["label"], k=i["k"], seed=i["seed"]))
+    for ckpt, by_config in configs.items():
+        if len(by_config) > 1:
+            fail(f"{' and '.join(sorted(by_config.values()))} hold {kind} results of one checkpoint under different "
+                 f"settings or inputs; pooling them would mix configurations: report them from separate --results")
+    # The label a reader sees: the run folder's name, with its parent folder where two runs share the name.
+    names = {}
+    for label, runs in labels.items():
+        for run, path in runs.items():
+            names[run] = label if len(runs) == 1 else (
+                f"{label} ({os.path.basename(os.path.dirname(os.path.dirname(os.path.abspath(path))))})" if path else label)
+        if len(runs) > 1 and len({names[r] for r in runs}) < len(runs):
+            for n, run in enumerate(sorted(runs)):
+                names[run] = f"{label} #{n + 1}"
+    for r in recs:
+        r["run"] = names[r.pop("run")]
+        r.pop("label")
     return recs
 
 
@@ -198,12 +272,69 @@ def md_table(rows, cols):
     return "\n".join(lines)
 
 
+def seeds_then_items(groups, seed, n_boot=2000):
+    """(mean, low, high) of paired differences pooled over seeds: the mean of the per-seed means, and a 95%
+    interval from a two-level bootstrap that resamples the seeds, then the items (steps or games) within each
+    drawn seed, so it holds between-seed variation as well as the items'. groups = {seed: [difference, ...]}.
+    With one seed it is the items' bootstrap alone (no between-seed variation in it: say so)."""
+    arrays = [np.array(groups[k], float) for k in sorted(groups)]
+    rng = np.random.default_rng(seed)
+    boots = np.empty(n_boot)
+    for b in range(n_boot):
+        picks = rng.integers(0, len(arrays), len(arrays))
+        boots[b] = np.mean([arrays[i][rng.integers(0, len(arrays[i]), len(arrays[i]))].mean() for i in picks])
+    lo, hi = np.percentile(boots, [2.5, 97.5])
+    return round(float(np.mean([a.mean() for a in arrays])), 4), round(float(lo), 4), round(float(hi), 4)
+
+
+def k_effect(recs, metrics, item_of):
+    """Rows of the effect of k against the smallest k (k=0.3 minus k=0), at each run's last checkpoint,
+    paired by item (the same probed step, conflict or game, item_of(record)) within a seed: per seed (bootstrap
+    over items) and pooled over the seeds both k share (seeds_then_items)."""
+    last = {}
+    for r in recs:
+        last[r["run"]] = max(last.get(r["run"], 0), r["step"])
+    final = [r for r in recs if isinstance(r["k"], float) and r["step"] == last[r["run"]] and r["step"] > 0]
+    ks = sorted({r["k"] for r in final})
+    by = {(r["k"], r["seed"], r["split"], item_of(r)): r for r in final}
+    rows = []
+    for k in ks[1:]:
+        for split in SPLITS:
+            for m in metrics:
+                groups = {}
+                for (kk, seed, sp, item), r in sorted(by.items(), key=lambda kv: str(kv[0])):
+                    ref = by.get((ks[0], seed, sp, item))
+                    if kk == k and sp == split and ref and r.get(m) is not None and ref.get(m) is not None:
+                        groups.setdefault(seed, []).append(float(r[m]) - float(ref[m]))
+                if not groups:
+                    continue
+                row = {"metric": m, "split": split, "k": k, "vs_k": ks[0]}
+                for seed, diffs in sorted(groups.items(), key=lambda kv: str(kv[0])):
+                    mean, lo, hi = steps.mean_ci(diffs, seed=args.seed)
+                    rows.append(dict(row, seed=seed, n=len(diffs), diff=mean, diff_lo=lo, diff_hi=hi))
+                mean, lo, hi = seeds_then_items(groups, args.seed)
+                rows.append(dict(row, seed=f"pooled ({len(groups)})", n=sum(map(len, groups.values())), diff=mean,
+                                 diff_lo=lo, diff_hi=hi))
+    return rows
+
+
+def local_id(r):
+    """A record's id without its checkpoint's name: the same step, conflict or game across runs."""
+    return r["id"][len(r["checkpoint"]) + 1:]
+
+
 # ----------------------------------------------------------------------------- figures
 
 md = [f"# Results: {args.results}", "",
       "Every number: mean over records (all environments pooled per split) [bootstrap 95% interval]. "
       "Made by `python report.py --results " + args.results + "`.", ""]
-probe = per_run(load("probe", "records.jsonl"))
+# Everything is read and checked before the report folder is touched; one report.py at a time writes it.
+probe, conf, episodes = (load(kind, name) for kind, name in (("probe", "records.jsonl"), ("conflicts", "records.jsonl"),
+                                                             ("eval", "episodes.jsonl")))
+if not (probe or conf or episodes):
+    fail(f"nothing to report under {args.results} (expected probe/*, conflicts/*, eval/* folders)")
+steps.claim_output(OUT, fail)
+probe, conf = per_run(probe), per_run(conf)
 if probe:
     rows = table(probe, ["run", "step", "split"], ["prompt_correct", "cot_correct", "consistent", "helpful", "harmful",
                                                    "rank1_prompt", "rank1_thought", "ll_prompt_mean", "ll_thought_mean",
@@ -266,7 +397,6 @@ if probe:
             ("run", "run"), ("step", "step"), ("split", "split"), ("n", "n"), ("attn prompt", "attn_prompt"),
             ("attn thought", "attn_thought"), ("grad prompt", "grad_prompt"), ("grad thought", "grad_thought")]), ""]
 
-conf = per_run(load("conflicts", "records.jsonl"))
 if conf:
     rows = table(conf, ["run", "step", "split"], ["follows", "anchors", "neither", "prefers_a2"])
     fig = by_split_figure(rows, [("follows", "follows trace (a2)"), ("anchors", "anchors on prompt (a1)")], "share of conflict probes")
@@ -276,7 +406,6 @@ if conf:
                                                     ("follows a2", "follows"), ("anchors a1", "anchors"), ("neither", "neither"),
                                                     ("prefers a2 (LL)", "prefers_a2")]), ""]
 
-episodes = load("eval", "episodes.jsonl")
 if episodes:
     for r in episodes:
         r["k_label"] = (r["run"] if r["run"] in ("base", "expert", "random") or r["k"] is None
@@ -323,6 +452,18 @@ if episodes:
         steps.write_csv_atomic(os.path.join(OUT, "cot_minus_prompt.csv"), drows)
         md += ["### CoT minus prompt success, paired by task", "", md_table(drows, [
             ("model", "k_label"), ("split", "split"), ("n tasks", "n"), ("CoT - prompt", "cot_minus_prompt")]), ""]
+    # Across checkpoints (evaluate.py --all-checkpoints): does the CoT advantage stay flat with training?
+    by_ckpt = {}
+    for r in episodes:
+        if r["mode"] in ("prompt", "cot") and r["step"] > 0:
+            by_ckpt.setdefault((r["run"], r["step"], r["split"], r["task_id"]), {})[r["mode"]] = float(r["won"])
+    if len({(run, step) for run, step, _, _ in by_ckpt}) > len({run for run, _, _, _ in by_ckpt}):
+        crows = table([{"run": run, "step": step, "split": split, "cot_minus_prompt": p["cot"] - p["prompt"]}
+                       for (run, step, split, _), p in by_ckpt.items() if len(p) == 2], ["run", "split", "step"],
+                      ["cot_minus_prompt"])
+        steps.write_csv_atomic(os.path.join(OUT, "cot_minus_prompt_by_step.csv"), crows)
+        md += ["### CoT minus prompt success across checkpoints, paired by task", "", md_table(crows, [
+            ("run", "run"), ("split", "split"), ("step", "step"), ("n tasks", "n"), ("CoT - prompt", "cot_minus_prompt")]), ""]
     trained = [r for r in final if isinstance(r["k"], float) and r["split"] == "ood_test"]
     if trained:
         krows = table(trained, ["mode", "k"], ["won", "score"])
@@ -336,9 +477,19 @@ if episodes:
         ax.set_title("OOD success vs --mask-action-frac (seeds pooled)")
         save(fig, "ood_vs_k", krows)
 
-if not (probe or conf or episodes):
-    fail(f"nothing to report under {args.results} (expected probe/*, conflicts/*, eval/* folders)")
-os.makedirs(OUT, exist_ok=True)
+# The k effect, paired: the same steps and conflicts offline, the same games online, seed by seed and pooled.
+effect = k_effect(probe, ["prompt_correct", "cot_correct", "consistent", "ll_prompt_mean", "ll_thought_mean", "ll_own_mean"],
+                  local_id) + k_effect(conf, ["follows", "anchors"], local_id)
+effect += [dict(r, metric=f"won ({mode} mode)") for mode in ("prompt", "cot")
+           for r in k_effect([e for e in episodes if e["mode"] == mode], ["won"], lambda e: e["task_id"])]
+if effect:
+    steps.write_csv_atomic(os.path.join(OUT, "k_effect.csv"), effect)
+    md += ["## The k effect, paired (each k minus the smallest, last checkpoints)", "",
+           "Differences paired by probed step or conflict (offline) or by game (online) within a seed; per seed a "
+           "bootstrap over those items; pooled: the mean of the seed means with a two-level bootstrap (seeds, then "
+           "items within each), so its interval includes between-seed variation (none with one seed).", "",
+           md_table(effect, [("measure", "metric"), ("split", "split"), ("k", "k"), ("vs k", "vs_k"), ("seed", "seed"),
+                             ("n", "n"), ("difference", "diff")]), ""]
 with open(os.path.join(OUT, "results.md"), "w") as f:
     f.write("\n".join(md) + "\n")
 print(f"report done: {len(probe)} probe, {len(conf)} conflict, {len(episodes)} episode records -> {OUT}")

@@ -16,7 +16,10 @@ import math
 import os
 import random
 import re
+import signal
+import sys
 import tempfile
+import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TEMPLATES = os.path.join(HERE, "data", "templates")
@@ -170,11 +173,12 @@ def read_jsonl_lines(path, required=()):
     raises DataError naming the file, the line and the field."""
     records = []
     try:
-        f = open(path)
+        f = open(path, "rb")
     except OSError as e:
         raise DataError(f"{path}: cannot open: {e.strerror}") from None
     with f:
-        for lineno, line in enumerate(f, 1):
+        for lineno, raw in enumerate(f, 1):
+            line = decode_line(raw, path, lineno)
             if not line.strip():
                 continue
             try:
@@ -188,6 +192,13 @@ def read_jsonl_lines(path, required=()):
                     raise DataError(f"{path}:{lineno}: missing field '{field}'")
             records.append((lineno, rec))
     return records
+
+
+def decode_line(raw, path, lineno):
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1})") from None
 
 
 def read_jsonl(path, required=()):
@@ -216,6 +227,11 @@ def check_step(rec, where):
         raise DataError(f"{where}: field 'split' is {rec['split']!r}, expected one of {', '.join(SPLITS)}")
     if rec["env"] not in ENVS:
         raise DataError(f"{where}: field 'env' is {rec['env']!r}, expected one of {', '.join(ENVS)}")
+    if not isinstance(rec.get("task_id", ""), str):
+        raise DataError(f"{where}: field 'task_id' must be a string, got {type(rec['task_id']).__name__}")
+    cands = rec.get("candidates")
+    if cands is not None and not (isinstance(cands, list) and all(isinstance(c, str) for c in cands)):
+        raise DataError(f"{where}: field 'candidates' must be null or a list of strings")
     check_messages(rec.get("messages"), where)
 
 
@@ -302,6 +318,152 @@ def write_json_atomic(path, obj):
         raise
 
 
+# ----------------------------------------------------------------------------- one writer, one configuration per output
+
+def check_numbers(args, rules, fail):
+    """Validate numeric flags at parse time: rules = {name: (low, high)}, either bound None for open and a
+    bound given as ("<", x) exclusive; every float must be finite (nan and inf never reach the code).
+    fail(one line naming the flag) on the first bad value."""
+    for name, (low, high) in rules.items():
+        value = getattr(args, name)
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, float) and not math.isfinite(value):
+            fail(f"{flag} must be a finite number, got {value}")
+        for bound, below in ((low, True), (high, False)):
+            if bound is None:
+                continue
+            strict, x = bound if isinstance(bound, tuple) else ("", bound)
+            bad = (value <= x if strict else value < x) if below else (value >= x if strict else value > x)
+            if bad:
+                rel = (">" if strict else ">=") if below else ("<" if strict else "<=")
+                fail(f"{flag} must be {rel} {x}, got {value}")
+
+
+def file_digest(path, whole_below=1 << 28):
+    """sha256 of a file's bytes, so an input is known by content (a copy is the same input, an edit is not).
+    Files of 256 MiB or more (whole models): of the size and the first and last 16 MiB, seconds not minutes."""
+    import hashlib
+    h = hashlib.sha256()
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        if size < whole_below:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        else:
+            h.update(str(size).encode())
+            h.update(f.read(1 << 24))
+            f.seek(size - (1 << 24))
+            h.update(f.read())
+    return h.hexdigest()
+
+
+def folder_digest(folder):
+    """One digest of a model or checkpoint folder: its configs and weights by content (tokenizer files and
+    training state left out: they do not change what the weights compute)."""
+    import hashlib
+    h = hashlib.sha256()
+    for name in sorted(os.listdir(folder)):
+        if name.endswith((".safetensors", ".bin")) and name != "training_args.bin" or name in ("config.json", "adapter_config.json"):
+            h.update(f"{name}:{file_digest(os.path.join(folder, name))};".encode())
+    return h.hexdigest()
+
+
+def model_identity(path):
+    """What a base model is, for made_from: a local folder by content, a hub id by name."""
+    return folder_digest(path) if os.path.isdir(path) else f"hub:{path}"
+
+
+_LOCKS = []  # lock file descriptors, held until the process exits however it exits
+
+
+def claim_output(path, fail, is_file=False):
+    """Make `path` this process's output (a folder, or with is_file a file): its folder created if missing (one
+    line, not a traceback, when that or writing there fails, or when the path is of the other kind), then one
+    writer only: an exclusive flock on .<name>.lock beside it (outside an output folder, whose listing stays
+    the outputs'), held until this process exits. A second process on the same output gets fail(one line
+    naming the holder); the kernel drops a killed process's lock, so none blocks a rerun."""
+    import fcntl
+    path = os.path.abspath(path)
+    if is_file and os.path.isdir(path):
+        fail(f"{path}: is a folder; give --out a file path")
+    if not is_file and os.path.exists(path) and not os.path.isdir(path):
+        fail(f"{path}: is a file, not a folder; give --out a folder")
+    folder = os.path.dirname(path) if is_file else path
+    lock = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.lock")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as e:
+        fail(f"{path}: cannot write there ({e.strerror}); give --out a writable place")
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.read(fd, 4096).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        fail(f"{path} is being written by {holder}; one writer per output: wait for it to end or use another --out")
+    if not os.access(folder, os.W_OK):
+        fail(f"{folder}: cannot write there (permission denied); give --out a writable place")
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} ({os.path.basename(sys.argv[0])}, since {time.strftime('%Y-%m-%d %H:%M:%S')})".encode())
+    _LOCKS.append(fd)
+
+
+def check_made_from(meta_path, made_from, results, fail):
+    """An output belongs to one configuration. made_from = {"settings": {...}, "inputs": {...}, "checkpoints":
+    {name: digest}}: the flags that change results, the input files and base model by content, and the
+    checkpoints by content. When any of `results` (files) already holds something, the made_from recorded in
+    meta_path must match: settings and inputs equal, a checkpoint already there the same weights (new ones may
+    join). Otherwise fail(one line saying what differs) before anything is read or rewritten.
+    Returns the made_from to record (the checkpoints of both runs)."""
+    if not any(os.path.exists(p) and os.path.getsize(p) for p in results):
+        return made_from
+    where = os.path.dirname(meta_path) or "."
+    try:
+        with open(meta_path) as f:
+            old = json.load(f)["made_from"]
+        old_checkpoints = dict(old["checkpoints"])
+    except FileNotFoundError:
+        fail(f"{where} holds results but no {os.path.basename(meta_path)} saying what made them; use another --out")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        fail(f"{meta_path}: no readable record of what the results there were made from ({type(e).__name__}: {e}; "
+             f"written by an older version?); use another --out")
+    for part in ("settings", "inputs"):
+        was, now = old.get(part, {}), made_from[part]
+        for key in sorted(set(was) | set(now)):
+            if was.get(key) != now.get(key):
+                what = f"--{key.replace('_', '-')}" if part == "settings" else f"input {key}"
+                shown = (lambda v: v) if part == "settings" else (lambda v: "absent" if v is None else f"sha256 {v[:12]}")
+                fail(f"{where} was made with {what} {shown(was.get(key))!s}, this run has {shown(now.get(key))!s}; "
+                     f"an output folder holds one configuration: use another --out, or the same settings to resume")
+    for name, digest in made_from["checkpoints"].items():
+        if name in old_checkpoints and old_checkpoints[name] != digest:
+            fail(f"{where} holds results of checkpoint {name} with other weights (sha256 {old_checkpoints[name][:12]}, "
+                 f"now {digest[:12]}); use another --out")
+    return dict(made_from, checkpoints={**old_checkpoints, **made_from["checkpoints"]})
+
+
+def exit_on_signals():
+    """SIGINT (Ctrl-C) and SIGTERM end the process with one line and no traceback, as a kill would: every
+    stage writes whole records and resumes, so there is nothing to clean up."""
+    def handler(signum, frame):
+        name = signal.Signals(signum).name
+        os.write(2, f"\n{os.path.basename(sys.argv[0])}: stopped by {name}; rerun the same command to resume\n".encode())
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, handler)
+
+
+def umask_mode(path):
+    """Give files under path (a file or a folder) the mode a plain open() would: writers such as
+    safetensors' make 0600 files, unreadable to collaborators sharing a results folder."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for root, _, files in os.walk(path) if os.path.isdir(path) else [(os.path.dirname(path), [], [os.path.basename(path)])]:
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~umask)
+
+
 # ----------------------------------------------------------------------------- checkpoints, from any trainer
 
 def checkpoint_step(ckpt):
@@ -378,6 +540,17 @@ def check_checkpoint(ckpt):
             raise ValueError(f"{path}: empty weights file")
 
 
+def check_finite_adapter(ckpt):
+    """ValueError unless a PEFT adapter's weights (small: read whole) are all finite: a diverged run's NaN
+    adapter would give records and episodes that look like an ordinary weak model's. Whole-model checkpoints
+    are checked as they load (lm.load_model)."""
+    path = os.path.join(ckpt, "adapter_model.safetensors")
+    if os.path.exists(path):
+        from safetensors.torch import load_file
+        if not all(t.isfinite().all() for t in load_file(path).values() if t.is_floating_point()):
+            raise ValueError(f"{ckpt}: non-finite weights (a diverged training run?); not probed or rolled out")
+
+
 def checkpoint_series(folder, last_only=False):
     """[(name, step, folder)] of a run folder's checkpoints in training order (or the one checkpoint a
     folder is), each checked (check_checkpoint) before any is used; name = "<run>/<checkpoint>".
@@ -388,6 +561,7 @@ def checkpoint_series(folder, last_only=False):
     out = []
     for ckpt in found[-1:] if last_only else found:
         check_checkpoint(ckpt)
+        check_finite_adapter(ckpt)
         step = checkpoint_step(ckpt)
         if step is None:
             raise ValueError(f"{ckpt}: no training step found (train.py's meta.json, trainer_state.json, or a checkpoint-N name)")
@@ -397,18 +571,33 @@ def checkpoint_series(folder, last_only=False):
 
 
 def base_model(given, checkpoints, default="smollm2-135m"):
-    """The base model to load checkpoints on: --model when given; else the base_model_name_or_path a PEFT
-    adapter among the checkpoints names, when that is a local folder (another trainer's run on
-    another model); else the embedded default."""
+    """The base model to load checkpoints on: --model when given; else what the checkpoints were trained on:
+    train.py's meta.json naming the embedded default, or the base_model_name_or_path of a PEFT adapter (a
+    local folder, or a hub id); else the embedded default. A base named as a path that is not there is a
+    ValueError naming it: probing another model's adapter on the embedded one would measure nothing."""
     if given:
         return given
     for ckpt in checkpoints:
+        meta = os.path.join(ckpt, "meta.json")
+        if os.path.exists(meta):
+            try:
+                with open(meta) as f:
+                    if json.load(f)["args"]["model"] == default:
+                        return default
+            except (OSError, ValueError, KeyError, TypeError):
+                pass  # not train.py's: the adapter config below says
         path = os.path.join(ckpt, "adapter_config.json")
         if os.path.exists(path):
-            with open(path) as f:
-                base = json.load(f).get("base_model_name_or_path")
-            if base and os.path.isdir(base):
-                return base
+            try:
+                with open(path) as f:
+                    base = json.load(f).get("base_model_name_or_path")
+            except (OSError, ValueError, AttributeError) as e:
+                raise ValueError(f"{path}: not readable ({type(e).__name__}: {e})") from None
+            if not base or os.path.isdir(base):
+                return base or default
+            if base.startswith(("/", ".", "~")) or base.count("/") != 1:
+                raise ValueError(f"{path} names base model {base!r}, which is not there; pass --model with its folder")
+            return base  # a hub id
     return default
 
 
@@ -425,7 +614,8 @@ def read_done(path):
         with open(path, "r+b") as f:
             f.truncate(end)
     records = []
-    for lineno, line in enumerate(data[:end].decode().splitlines(), 1):
+    for lineno, raw in enumerate(data[:end].split(b"\n"), 1):
+        line = decode_line(raw, path, lineno)
         if line.strip():
             try:
                 records.append(json.loads(line))

@@ -86,9 +86,11 @@ from tqdm import tqdm  # noqa: E402
 import lm  # noqa: E402
 import steps  # noqa: E402
 
+steps.exit_on_signals()
+
 
 def fail(msg):
-    sys.exit(f"error: {msg}")
+    sys.exit(f"\nerror: {msg}")  # on a line of its own, after any progress bar
 
 
 def load_examples(tok):
@@ -161,6 +163,8 @@ def trainable_state(model):
 
 def save_checkpoint(model, tok, optimizer, step, epoch, data_hashes):
     """Write to a hidden temp folder, then rename: a kill never leaves a half checkpoint."""
+    if not all(torch.isfinite(p).all() for p in params):
+        fail(f"training diverged by step {step}: non-finite weights (lower --lr?); not saved")
     name = f"checkpoint-{step:06d}"
     final = os.path.join(out_dir, name)
     tmp = os.path.join(out_dir, f".tmp-{name}")
@@ -173,9 +177,10 @@ def save_checkpoint(model, tok, optimizer, step, epoch, data_hashes):
                os.path.join(tmp, "training_state.pt"))
     import importlib.metadata as md
     meta = {"args": vars(args), "model_path": model_path, "data": data_hashes, "step": step, "epoch": epoch,
-            "seed": args.seed, "device": device, "dtype": str(dtype),
+            "seed": args.seed, "device": device, "dtype": str(dtype), "run_identity": run_identity(data_hashes),
             "versions": {p: md.version(p) for p in ("torch", "transformers", "peft")}}
     steps.write_json_atomic(os.path.join(tmp, "meta.json"), meta)
+    steps.umask_mode(tmp)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     return final
@@ -186,6 +191,12 @@ def save_checkpoint(model, tok, optimizer, step, epoch, data_hashes):
 RUN_DEFINING = ("model", "init_adapter", "full_finetune", "lora_r", "lora_alpha", "lora_dropout", "target_modules", "mask_action_frac",
                 "no_cot", "max_examples", "max_len", "epochs", "max_steps", "batch_size", "lr", "warmup_frac",
                 "weight_decay", "grad_clip", "seed", "share_prefix")
+
+
+def run_identity(data_hashes):
+    """What defines this run's weights (the settings above and the data by content): report.py tells runs
+    apart by it, so a copied run folder is one run and two runs sharing a folder name are two."""
+    return {"settings": {name: getattr(args, name) for name in RUN_DEFINING}, "data": sorted(data_hashes.values())}
 
 
 def check_resume(ckpt, data_hashes):
@@ -215,20 +226,18 @@ def latest_checkpoint():
 
 # ----------------------------------------------------------------------------- setup
 
-if not 0.0 <= args.mask_action_frac <= 1.0:
-    fail(f"--mask-action-frac must be in [0, 1], got {args.mask_action_frac}")
-for name, low in (("batch_size", 1), ("log_every", 1), ("max_len", 1), ("micro_batch_tokens", 0), ("lora_r", 1),
-                  ("max_examples", 0), ("max_steps", 0), ("save_every", 0), ("stop_at_step", 0), ("threads", 0)):
-    if getattr(args, name) < low:
-        fail(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(args, name)}")
+steps.check_numbers(args, {
+    "mask_action_frac": (0, 1), "lora_r": (1, None), "lora_alpha": (("<", 0), None), "lora_dropout": (0, ("<", 1)),
+    "epochs": (("<", 0), None), "max_steps": (0, None), "batch_size": (1, None), "micro_batch_tokens": (0, None),
+    "lr": (("<", 0), None), "warmup_frac": (0, 1), "weight_decay": (0, None), "grad_clip": (0, None),
+    "max_examples": (0, None), "max_len": (1, None), "save_every": (0, None), "log_every": (1, None),
+    "stop_at_step": (0, None), "threads": (0, None)}, fail)
 try:
     save_steps = {int(x) for x in args.save_steps.split(",") if x.strip()}
 except ValueError:
     fail(f"--save-steps must be a comma list of step numbers, got {args.save_steps!r}")
 if any(x < 1 for x in save_steps):
     fail(f"--save-steps must list steps >= 1, got {args.save_steps!r}")
-if not args.epochs > 0 or not args.lr > 0 or not 0 <= args.warmup_frac <= 1:
-    fail(f"--epochs and --lr must be positive and --warmup-frac in [0, 1], got {args.epochs}, {args.lr}, {args.warmup_frac}")
 if args.threads:
     torch.set_num_threads(args.threads)
 out_dir = args.out.format(k=args.mask_action_frac, seed=args.seed)
@@ -266,6 +275,11 @@ if args.grad_checkpoint != "off":
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 if not args.full_finetune:
     from peft import LoraConfig, get_peft_model
+    have = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    unknown = [m for m in args.target_modules.split(",") if m not in have]
+    if unknown:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        fail(f"--target-modules: {', '.join(unknown)} not in {model_path} (its linear layers: {', '.join(linear)})")
     config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                         target_modules=args.target_modules.split(","), task_type="CAUSAL_LM")
     model = get_peft_model(model, config)
@@ -279,6 +293,8 @@ if args.init_adapter:
         set_peft_model_state_dict(model, load_file(os.path.join(args.init_adapter, "adapter_model.safetensors")))
     except (ValueError, OSError, RuntimeError) as e:
         fail(f"--init-adapter {args.init_adapter}: {e}")
+if main_process:  # one writer per run folder, before anything is trained (or written) there
+    steps.claim_output(out_dir, fail)
 params = [p for p in model.parameters() if p.requires_grad]
 optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
 
@@ -287,7 +303,8 @@ total_steps = args.max_steps or max(1, math.ceil(args.epochs * batches_per_epoch
 step = 0
 if args.resume and latest_checkpoint():
     ckpt = latest_checkpoint()
-    check_resume(ckpt, data_hashes)
+    for other in sorted(glob.glob(os.path.join(out_dir, "checkpoint-[0-9]*"))):  # every one: a folder is one run
+        check_resume(other, data_hashes)
     try:
         state = torch.load(os.path.join(ckpt, "training_state.pt"), weights_only=True)
         if args.full_finetune:
@@ -355,8 +372,11 @@ while step < total_steps:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             dist.all_reduce(p.grad)
-    if args.grad_clip:
-        torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+    norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip or float("inf"))
+    if not (math.isfinite(sums.get("loss", 0.0)) and torch.isfinite(norm)):
+        # A diverged run must not leave checkpoints that later stages would read as a trained model.
+        fail(f"training diverged at step {step + 1}: loss {sums.get('loss', 0.0) / max(1, n_sup):.4g}, gradient norm "
+             f"{norm.item():.4g} (lower --lr?); nothing saved after {latest_checkpoint() or 'the start'}")
     optimizer.step()
     step += 1
     bar.update()

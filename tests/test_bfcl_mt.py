@@ -146,7 +146,10 @@ def test_long_results_are_cut_and_say_so():
         for action in env.expert_plan():
             obs, _, done, _ = env.step(action)
             if action != envs.END_TURN:
-                for line in obs.split("\n"):
+                # the whole step's text is cut at BFCL_MT_STEP_CAP call caps; within it, each call's result at 40
+                assert len(obs) <= envs.BFCL_MT_STEP_CAP * 40 + 40
+                lines = obs.split("\n")
+                for line in lines[:-1] if len(obs) > envs.BFCL_MT_STEP_CAP * 40 else lines:
                     result = line.split(" -> ", 1)[1]
                     assert len(result) <= 40 or result[40:].startswith(" ... [") and result.endswith(" more characters cut]")
                     cut += len(result) > 40
@@ -192,11 +195,13 @@ def test_evaluate_expert_random_and_tiny_model_both_modes(mt_data, tiny_model, t
     model = [json.loads(line) for line in open(tmp_path / "model" / "episodes.jsonl")]
     assert {(r["split"], r["mode"]) for r in model} == {(s, m) for s in ("id_test", "ood_test") for m in ("prompt", "cot")}
     assert all(r["env"] == "bfcl_mt" and r["steps"] == 3 and r["turns_passed"] == 0 for r in model)
-    # A prompt over --max-len stops the run with one line naming the episode.
+    # A prompt over --max-len ends that episode as its own outcome (recorded, counted as a loss), never the run.
     proc = run("evaluate.py", "--model", tiny_model, "--data", str(mt_data), "--env", "bfcl_mt", "--mode", "prompt",
-               "--max-episodes", "1", "--max-len", "300", "--threads", "1", "--out", str(tmp_path / "long"), check=False)
-    assert proc.returncode != 0 and "Traceback" not in proc.stderr
-    assert "error: episode" in proc.stderr and "--max-len" in proc.stderr and "300" in proc.stderr
+               "--max-episodes", "1", "--max-len", "300", "--threads", "1", "--out", str(tmp_path / "long"))
+    long = [json.loads(line) for line in open(tmp_path / "long" / "episodes.jsonl")]
+    assert len(long) == 2 and all(r["context_exceeded"] and not r["won"] and not r["errored"] for r in long)
+    rows = [json.loads(line) for line in open(tmp_path / "long" / "summary.jsonl")]
+    assert {(r["n"], r["context_exceeded"]) for r in rows} == {(1, 1.0)}
 
 
 def test_probe_runs_on_multi_turn_steps_and_stops_on_a_prompt_over_max_len(mt_data, tiny_model, tmp_path):

@@ -3,6 +3,7 @@ import collections
 import json
 import math
 import os
+import shutil
 import sys
 
 import pytest
@@ -12,8 +13,8 @@ from conftest import ROOT, run
 
 TINY = ["--threads", "1", "--max-thought-tokens", "6", "--max-action-tokens", "6", "--max-steps", "3"]
 FIELDS = {"id", "checkpoint", "step", "env", "task_type", "split", "task_id", "mode", "won", "score", "steps",
-          "max_steps", "expert_steps", "invalid_actions", "invalid_rate", "agreement", "error", "errored", "tries", "seconds",
-          "transcript"}
+          "max_steps", "expert_steps", "invalid_actions", "invalid_rate", "agreement", "context_exceeded", "error", "errored",
+          "tries", "seconds", "transcript"}
 
 
 def read(path):
@@ -72,6 +73,7 @@ def test_tiny_model_both_modes_all_envs_and_resume(tiny_model, all_data, tmp_pat
     # Killed after 5 episodes, mid-write of the 6th: the rerun finishes the rest, nothing twice.
     lines = (tmp_path / "a" / "episodes.jsonl").read_bytes().splitlines(keepends=True)
     (tmp_path / "b").mkdir()
+    shutil.copy(tmp_path / "a" / "meta.json", tmp_path / "b")  # written before the first episode
     (tmp_path / "b" / "episodes.jsonl").write_bytes(b"".join(lines[:5]) + lines[5][:30])
     proc = run(*argv, "--out", str(tmp_path / "b"))
     assert "5 episodes already in" in proc.stdout

@@ -149,8 +149,6 @@ def test_probe_resume_and_seed_determinism(tiny_model, small_data, tmp_path):
     assert a == (tmp_path / "b" / "records.jsonl").read_bytes()
     assert (tmp_path / "a" / "summary.csv").read_bytes() == (tmp_path / "b" / "summary.csv").read_bytes()
     # A kill mid-write leaves 2 whole records and a torn third; the rerun completes without duplicates.
-    shutil.rmtree(tmp_path / "b")
-    (tmp_path / "b").mkdir()
     lines = a.splitlines(keepends=True)
     (tmp_path / "b" / "records.jsonl").write_bytes(lines[0] + lines[1] + lines[2][:40])
     proc = run("probe.py", *args, "--out", str(tmp_path / "b"))

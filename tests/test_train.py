@@ -167,7 +167,7 @@ def test_bad_input_fails_cleanly(tiny_model, small_data, tmp_path):
         (["--data", str(tmp_path / "nothing.jsonl")], "data file not found"),
         (["--max-len", "50"], "more than --max-len 50"),
         (["--model", str(tmp_path / "no_such_model")], "cannot load model"),
-        (["--mask-action-frac", "1.5"], "--mask-action-frac must be in [0, 1]"),
+        (["--mask-action-frac", "1.5"], "--mask-action-frac must be <= 1"),
     ]
     for extra, message in cases:
         out = tmp_path / "run"
