@@ -1,0 +1,51 @@
+"""report.py's k effect: k=0.3 minus k=0 paired by step (offline) and by game (online), per seed and pooled
+over seeds with a two-level bootstrap, on synthetic results whose true effects are known."""
+import csv
+import json
+import random
+
+from conftest import run
+
+
+def write_run(results, kind, k, seed, step, records):
+    """One probe/eval output folder of run k{k}_seed{seed} at one checkpoint, as probe.py / evaluate.py write it."""
+    run_dir = results / "runs" / f"k{k}_seed{seed}"
+    ckpt = run_dir / f"checkpoint-{step:06d}"
+    ckpt.mkdir(parents=True, exist_ok=True)
+    (run_dir / "run.json").write_text(json.dumps({"k": k, "seed": seed}))
+    name = f"k{k}_seed{seed}/checkpoint-{step:06d}"
+    out = results / kind / f"k{k}_seed{seed}"
+    out.mkdir(parents=True)
+    made = {"settings": {"seed": 0}, "inputs": {"data": "x"}, "checkpoints": {name: f"weights-{k}-{seed}"}}
+    (out / "meta.json").write_text(json.dumps({"args": {}, "checkpoints": [[name, step, str(ckpt)]], "made_from": made}))
+    with open(out / ("episodes.jsonl" if kind == "eval" else "records.jsonl"), "w") as f:
+        for r in records:
+            f.write(json.dumps(dict(r, id=f"{name}/{r['id']}", checkpoint=name, step=step)) + "\n")
+
+
+def test_k_effect_is_paired_and_pooled_over_seeds(tmp_path):
+    rng = random.Random(0)
+    results = tmp_path / "results"
+    # 60 out-of-domain steps: k=0.3 gets +0.2 on CoT accuracy (seed 2: +0.4), prompt accuracy unchanged.
+    for seed, gain in ((0, 0.2), (1, 0.2), (2, 0.4)):
+        base = {i: rng.random() < 0.3 for i in range(60)}
+        for k in (0.0, 0.3):
+            recs = [{"id": f"step{i}", "env": "alfworld", "split": "ood_test", "prompt_correct": base[i],
+                     "cot_correct": float(base[i]) + (gain if k else 0.0)} for i in range(60)]
+            write_run(results, "probe", k, seed, 10, recs)
+            eps = [{"id": f"cot/g{i}", "env": "alfworld", "split": "ood_test", "task_id": f"g{i}", "mode": "cot",
+                    "won": bool(i < (10 if k else 5)), "errored": False} for i in range(20)]
+            write_run(results, "eval", k, seed, 10, eps)
+    run("report.py", "--results", str(results))
+    rows = list(csv.DictReader(open(results / "report" / "k_effect.csv")))
+    cot = {r["seed"]: r for r in rows if r["metric"] == "cot_correct" and r["split"] == "ood_test"}
+    assert [round(float(cot[s]["diff"]), 3) for s in ("0", "1", "2")] == [0.2, 0.2, 0.4]
+    pooled = cot["pooled (3)"]
+    assert round(float(pooled["diff"]), 3) == round((0.2 + 0.2 + 0.4) / 3, 3) and int(pooled["n"]) == 180
+    # Between-seed variation is in the pooled interval: it spans the seeds' spread, which no step varies by.
+    assert float(pooled["diff_lo"]) <= 0.2 + 1e-9 and float(pooled["diff_hi"]) >= 0.4 - 1e-9
+    prompt = next(r for r in rows if r["metric"] == "prompt_correct" and r["seed"].startswith("pooled"))
+    assert float(prompt["diff"]) == 0.0 and float(prompt["diff_lo"]) == 0.0 == float(prompt["diff_hi"])
+    won = next(r for r in rows if r["metric"] == "won (cot mode)" and r["seed"].startswith("pooled"))
+    assert round(float(won["diff"]), 3) == 0.25 and int(won["n"]) == 60
+    assert "The k effect, paired" in (results / "report" / "results.md").read_text()
