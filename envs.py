@@ -226,8 +226,9 @@ class ScienceWorld(ClosingEnv):
             self._env = None
 
 
-def sciworld_tasks(env=None):
-    """Every (task, variation): train/id_test variations of in-domain tasks, test variations of OOD ones."""
+def sciworld_tasks(env=None, every_ood_variation=False):
+    """Every (task, variation): train/id_test variations of in-domain tasks, test variations of OOD ones (with
+    every_ood_variation: their train and dev variations too, as for imported trajectories of a held-out task)."""
     own = env is None
     env = env or ScienceWorld()
     try:
@@ -236,7 +237,8 @@ def sciworld_tasks(env=None):
         for name, meta in sorted(sciworld_task_table().items(), key=lambda kv: [int(x) for x in kv[1]["task_id"].split("-")]):
             ood = meta["task_id"] in SCIWORLD_OOD
             server.load(name, 0, "", False)
-            groups = [("ood_test", server.getVariationsTest())] if ood else \
+            held = server.getVariationsTest() + (server.getVariationsTrain() + server.getVariationsDev() if every_ood_variation else [])
+            groups = [("ood_test", sorted(held))] if ood else \
                 [("train", server.getVariationsTrain()), ("id_test", server.getVariationsTest())]
             for split, variations in groups:
                 for v in variations:

@@ -105,6 +105,7 @@ parser.add_argument("--import-split", default="train", help="split recorded on i
 args = parser.parse_args()
 
 THOUGHTS = steps.load_template("thoughts.json")
+ETO_SCIWORLD = steps.load_template("eto_sciworld_tasks.json")["tasks"]  # ETO's task numbers -> ScienceWorld names
 
 
 def article(word):
@@ -687,29 +688,48 @@ def game_of(item, loc, games_root):
     return envs.alfworld_task(root, rel)
 
 
+def sciworld_task_of(item, loc, known):
+    """The ScienceWorld task and variation an ETO item's id names ('<n>_<variation>', n as in ETO's task
+    table: data/templates/eto_sciworld_tasks.json), with its split here (known: envs.sciworld_tasks by id);
+    None when the id names none, or a variation in no split here (ScienceWorld's dev variations)."""
+    m = re.fullmatch(r"(\d+)_(\d+)", str(item.get("id", "")))
+    name = ETO_SCIWORLD.get(m.group(1)) if m else None
+    if name is None:
+        return None
+    return known.get(f"scienceworld/{name}/{int(m.group(2))}")
+
+
 def clean_observation(text):
     return envs.alfworld_v4_observation(text.strip().removeprefix("Observation:").strip())
 
 
-def replay(env, task, replies, recorded):
+def replay(env, task, replies, recorded, rng):
     """Replay one trajectory in its game: (records, observation mismatches), or (reason, None) when it does not
-    replay cleanly: an action the game does not admit at that state (in either wording), or no win at the end.
-    The records' prompts hold the game's own observations (what a rollout shows), their actions the installed
-    wording, their candidates the game's admissible commands at that state."""
+    replay cleanly: an action the game does not admit at that state (ALFWorld: in either wording; ScienceWorld:
+    one it answers as unknown), or no win at the end. The records' prompts hold the game's own observations
+    (what a rollout shows), their actions the installed wording, their candidates the game's valid actions at
+    that state (ALFWorld: all; ScienceWorld: --max-candidates of them with the reference, as the experts' data)."""
     if not replies:
         return "no win", None
     obs, info = env.reset(task)
     goal, observations, actions, records, mismatches = info["task"], [obs], [], [], 0
     for t, (thought, action) in enumerate(replies):
-        cands = sorted(env.valid_actions())
-        action = envs.alfworld_v4(action)
-        if action not in cands:
-            return "diverged", None
-        records.append({"id": f"{task['id']}/step{t:03d}", "env": "alfworld", "task_type": task["task_type"],
+        valid = env.valid_actions()
+        if task["env"] == "alfworld":
+            action = envs.alfworld_v4(action)
+            if action not in valid:
+                return "diverged", None
+            cands = sorted(valid)
+        else:
+            others = sorted(set(valid) - {action})
+            cands = sorted(rng.sample(others, min(len(others), args.max_candidates - 1)) + [action])
+        records.append({"id": f"{task['id']}/step{t:03d}", "env": task["env"], "task_type": task["task_type"],
                         "split": task["split"], "task_id": task["id"], "step": t,
-                        "messages": steps.build_messages("alfworld", goal, observations, actions, args.history),
+                        "messages": steps.build_messages(task["env"], goal, observations, actions, args.history),
                         "thought": thought, "action": action, "candidates": cands, "task": goal, "thought_kind": "imported"})
         obs, _, done, step_info = env.step(action)
+        if obs.startswith(envs.INVALID_FEEDBACK.get(task["env"], ())):
+            return "diverged", None
         observations.append(obs)
         actions.append(action)
         if t + 1 < len(recorded) and clean_observation(recorded[t + 1]) != clean_observation(obs):
@@ -727,15 +747,18 @@ def import_conversations(path):
     ALFWorld with --alfworld-data: each item's game_file is found among the real games and the trajectory is
     replayed in it (replay); only whole trajectories that replay cleanly are kept, split by the game's task
     type and folder (held-out types are out-of-domain), and the summary counts what was dropped and why.
+    ScienceWorld (always installed): the same, the task and variation read off ETO's '<n>_<variation>' id.
     Otherwise the conversations are converted as they are (no candidates, task type from the id's prefix,
     --import-split), and the summary says what is missing."""
     if args.import_env not in steps.ENVS:
         raise steps.DataError(f"--import-env: unknown environment {args.import_env!r}; expected one of {', '.join(steps.ENVS)}")
     items, seen, games_seen = read_items(path), {}, set()
-    with_games = args.alfworld_data and args.import_env == "alfworld"
+    with_games = args.alfworld_data and args.import_env == "alfworld" or args.import_env == "scienceworld"
     by_split = {s: [] for s in steps.SPLITS}
     counts = collections.Counter()
-    env = envs.AlfWorld() if with_games else None
+    env = envs.make_env(args.import_env) if with_games else None
+    # ScienceWorld: a held-out task's every variation is out-of-domain, as ALFWorld's held-out types are
+    known = {t["id"]: t for t in envs.sciworld_tasks(env, every_ood_variation=True)} if args.import_env == "scienceworld" else {}
     try:
         for loc, item in tqdm(items, desc="import", unit="traj", disable=not with_games):
             turns = conversation_turns(item, loc)
@@ -748,14 +771,14 @@ def import_conversations(path):
             if not with_games:
                 by_split[args.import_split] += conversation_records(episode, item, humans, replies)
                 continue
-            task = game_of(item, loc, args.alfworld_data)
+            task = game_of(item, loc, args.alfworld_data) if args.import_env == "alfworld" else sciworld_task_of(item, loc, known)
             if task is None:
-                counts["game not found"] += 1
+                counts["game not found" if args.import_env == "alfworld" else "task or variation not found"] += 1
                 continue
             if task["id"] in games_seen:  # a game is one episode: its first trajectory that replays is kept
                 counts["same game again"] += 1
                 continue
-            records, mismatches = replay(env, task, replies, humans)
+            records, mismatches = replay(env, task, replies, humans, random.Random(f"{args.seed}/{task['id']}"))
             if mismatches is None:
                 counts[records] += 1
                 continue
@@ -830,9 +853,9 @@ def main():
                                                       {"settings": settings, "inputs": inputs, "checkpoints": {}},
                                                       [os.path.join(args.out, "meta.json")], fail)
             for split, records in by_split.items():
-                steps.write_jsonl_atomic(os.path.join(args.out, f"alfworld_{split}.jsonl"), records)
+                steps.write_jsonl_atomic(os.path.join(args.out, f"{args.import_env}_{split}.jsonl"), records)
             steps.write_json_atomic(os.path.join(args.out, "meta.json"), dict(meta, imported=summary))
-            where = f"{args.out}/alfworld_{{{','.join(s for s in steps.SPLITS if by_split[s])}}}.jsonl"
+            where = f"{args.out}/{args.import_env}_{{{','.join(s for s in steps.SPLITS if by_split[s])}}}.jsonl"
         else:
             name = os.path.splitext(os.path.basename(args.import_eto))[0]
             where = out = os.path.join(args.out, f"import_{name}_{args.import_split}.jsonl")

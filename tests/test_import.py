@@ -13,7 +13,7 @@ from conftest import ROOT, run
 
 SHARED = os.path.join(ROOT, "..", "shared", "data")
 TARBALLS = [os.path.join(SHARED, f"alfworld_{n}.tar.gz") for n in ("valid_seen", "train")]
-pytestmark = pytest.mark.skipif(not all(map(os.path.exists, TARBALLS)), reason="the shared real ALFWorld games are not here")
+real_games = pytest.mark.skipif(not all(map(os.path.exists, TARBALLS)), reason="the shared real ALFWorld games are not here")
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +56,7 @@ def eto_item(task, shape):
     return item
 
 
+@real_games
 def test_wording_maps_both_ways(games):
     for v3, v4 in (("put mug 1 in/on shelf 2", "move mug 1 to shelf 2"), ("put apple 2 in fridge 1", "move apple 2 to fridge 1"),
                    ("put soapbar 1 on toilet 1", "move soapbar 1 to toilet 1")):
@@ -73,6 +74,7 @@ def test_wording_maps_both_ways(games):
         assert info["won"]
 
 
+@real_games
 def test_import_replays_in_the_real_games(games, tiny_model, tmp_path):
     tasks = envs.alfworld_tasks(str(games / "json_2.1.1"))
     items = [eto_item(t, "eto" if i % 2 else "openai") for i, t in enumerate(tasks)]
@@ -118,6 +120,7 @@ def test_import_replays_in_the_real_games(games, tiny_model, tmp_path):
     assert all(e["won"] for e in episodes)
 
 
+@real_games
 def test_import_without_games_says_what_is_missing(games, tmp_path):
     task = envs.alfworld_tasks(str(games / "json_2.1.1"))[0]
     src = tmp_path / "a.json"
@@ -127,3 +130,32 @@ def test_import_without_games_says_what_is_missing(games, tmp_path):
     assert "--alfworld-data" in meta["imported"]["missing"] and "--alfworld-data" in proc.stdout
     recs = steps.read_steps(str(tmp_path / "o" / "import_a_train.jsonl"))
     assert recs and all(r["candidates"] is None for r in recs)
+
+
+def test_sciworld_import_replays_in_the_environment(tmp_path):
+    """ETO's ScienceWorld ids ('<n>_<variation>') name task and variation: replayed like ALFWorld's games."""
+    tasks = {t["id"]: t for t in envs.sciworld_tasks(every_ood_variation=True)}
+    picks = [("12", "find-living-thing", "train"), ("11", "find-animal", "ood_test")]
+    items = []
+    with envs.ScienceWorld() as env:
+        for n, name, split in picks:
+            task = next(t for t in tasks.values() if t["task_name"] == name and t["split"] == split)
+            obs, info = env.reset(task)
+            turns = [("human", "You are a helpful assistant to do some scientific experiment..."), ("gpt", "OK"),
+                     ("human", info["task"] + "\n" + obs)]
+            for i, action in enumerate(env.expert_plan()):
+                turns.append(("gpt", f"Thought: step {i + 1} of the plan.\nAction: {action}"))
+                obs, *_ = env.step(action)
+                turns.append(("human", "Observation: " + obs))
+            items.append({"id": f"{n}_{task['variation']}", "conversations": [{"from": w, "value": v} for w, v in turns]})
+    items.append(dict(items[0], id="99_0"))  # no such task number
+    src = tmp_path / "sciworld_sft.json"
+    src.write_text(json.dumps(items))
+    out = tmp_path / "sw"
+    proc = run("make_data.py", "--import-eto", str(src), "--import-env", "scienceworld", "--out", str(out))
+    assert "imported 2 of 3 trajectories" in proc.stdout and "task or variation not found: 1" in proc.stdout
+    train = steps.read_steps(str(out / "scienceworld_train.jsonl"))
+    ood = steps.read_steps(str(out / "scienceworld_ood_test.jsonl"))
+    assert {r["task_type"] for r in train} == {"find-living-thing"} and {r["task_type"] for r in ood} == {"find-animal"}
+    for r in train + ood:
+        assert r["action"] in r["candidates"] and len(r["candidates"]) <= 20 and r["thought"].startswith("step ")
