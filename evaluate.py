@@ -377,7 +377,7 @@ def run_checkpoint(ckpt, episodes, policy, workers, fout):
     queue = list(episodes)
     slots = [None] * len(workers)
     log_both = not args.no_log_both and args.policy == "model"
-    bar = tqdm(total=len(queue), desc=f"eval {ckpt[0]}", unit="ep")
+    bar = tqdm(total=len(queue), desc=f"eval {ckpt[0]}", unit="ep", disable=rank > 0)
     n_done = 0
 
     def crashed(s, err):
@@ -561,14 +561,18 @@ if not tasks:
 modes = ["prompt", "cot"] if args.mode == "both" else [args.mode]
 if args.policy != "model":
     modes = [args.policy]
-model_path, dtype = None, None
-if args.policy == "model":
+model_path, dtype, rank, world = None, None, 0, int(os.environ.get("WORLD_SIZE", "1"))
+if args.policy == "model" or world > 1:
     import torch
 
     import lm
     if args.threads:
         torch.set_num_threads(args.threads)
-    device, dtype = lm.pick_device(args.device)
+    device, dtype = lm.pick_device(args.device) if args.policy == "model" else ("cpu", None)
+    # Under torchrun each process plays every world-th episode with its own workers and appends to its own
+    # part file; the first process checks the output folder before the others start and merges at the end.
+    rank, world, device = lm.distributed(device)
+if args.policy == "model":
     try:
         args.model = steps.base_model(args.model, [c for _, _, c in ckpts if c])
     except ValueError as e:
@@ -578,32 +582,39 @@ if args.policy == "model":
         tok = lm.load_tokenizer(model_path)
     except (OSError, ValueError) as e:
         fail(f"cannot load model {args.model!r}: {e}")
-# One writer and one configuration per output folder, checked before anything there is read or written.
-steps.claim_output(args.out, fail)
 out_path = os.path.join(args.out, "episodes.jsonl")
-made_from = steps.check_made_from(
-    os.path.join(args.out, "meta.json"),
-    {"settings": {name: getattr(args, name) for name in RESULT_FLAGS if name != "dtype"} | {"dtype": str(dtype)},
-     "inputs": {**{f: steps.file_digest(f) for f in TEST_FILES},
-                **({"model": steps.model_identity(model_path)} if model_path else {})},
-     "checkpoints": {name: steps.folder_digest(c) if c else name for name, _, c in ckpts}}, [out_path], fail)
-try:
-    done = {r["id"] for r in latest(steps.read_done(out_path)) if not r["errored"]}  # errored episodes run again
-except steps.DataError as e:
-    fail(str(e))
-todos = [[ep for mode in modes for t in tasks for ep in [new_episode(t, mode, ckpt)] if ep["id"] not in done]
+if rank == 0:  # one writer and one configuration per output folder, checked before anything there is read or written
+    steps.claim_output(args.out, fail)
+    made_from = steps.check_made_from(
+        os.path.join(args.out, "meta.json"),
+        {"settings": {name: getattr(args, name) for name in RESULT_FLAGS if name != "dtype"} | {"dtype": str(dtype)},
+         "inputs": {**{f: steps.file_digest(f) for f in TEST_FILES},
+                    **({"model": steps.model_identity(model_path)} if model_path else {})},
+         "checkpoints": {name: steps.folder_digest(c) if c else name for name, _, c in ckpts}},
+        [out_path, *steps.parts_of(out_path)], fail)
+    try:
+        steps.read_done_all(out_path)  # a damaged line stops the run here, before anything is rewritten
+    except steps.DataError as e:
+        fail(str(e))
+    meta_path = os.path.join(args.out, "meta.json")
+    steps.write_json_atomic(meta_path, {"args": vars(args), "model_path": model_path, "episodes": len(tasks),
+                                        "checkpoints": steps.merged_checkpoints(meta_path, ckpts), "made_from": made_from,
+                                        "processes": world})
+if world > 1:
+    lm.barrier(world)
+done = {r["id"] for r in latest(steps.read_done_all(out_path)) if not r["errored"]}  # errored episodes run again
+todos = [[ep for mode in modes for t in tasks for ep in [new_episode(t, mode, ckpt)] if ep["id"] not in done][rank::world]
          for ckpt in ckpts]
 # The workers start first: they import and build their environments while this process loads the model.
 workers = [Worker({t["env"] for t in tasks}) for _ in range(min(args.num_envs, max(map(len, todos), default=0)))]
 try:
-    if args.policy == "model":
-        print(f"evaluate: policy model, backend {args.backend}, device {device} ({dtype}), model {model_path}")
-    print(f"evaluate: {len(ckpts)} checkpoint(s) x {len(tasks)} episodes x modes {','.join(modes)}, "
-          f"{args.num_envs} envs, {len(done)} episodes already in {out_path}")
-    steps.write_json_atomic(os.path.join(args.out, "meta.json"), {"args": vars(args), "model_path": model_path,
-                                                                  "checkpoints": ckpts, "episodes": len(tasks),
-                                                                  "made_from": made_from})
-    with open(out_path, "a") as fout:
+    if args.policy == "model" and rank == 0:
+        print(f"evaluate: policy model, backend {args.backend}, device {device} ({dtype}) x {world} process(es), "
+              f"model {model_path}")
+    if rank == 0:
+        print(f"evaluate: {len(ckpts)} checkpoint(s) x {len(tasks)} episodes x modes {','.join(modes)}, "
+              f"{args.num_envs} envs per process, {len(done)} episodes already in {out_path}")
+    with open(steps.part_path(out_path, rank, world), "a") as fout:
         for ckpt, todo in zip(ckpts, todos):
             if not todo:
                 continue
@@ -620,7 +631,16 @@ finally:
     for w in workers:
         w.close()
 
-records = [r for r in steps.read_done(out_path) if r["checkpoint"] in {c[0] for c in ckpts}]
+if world > 1:
+    lm.barrier(world)
+if rank > 0:
+    sys.exit(0)
+# One file whatever the number of processes: episodes by checkpoint, mode and task order (a retried episode
+# after its errored record).
+order = {f"{name}/{mode}/{t['id']}": (i, j, k) for i, (name, _, _) in enumerate(ckpts) for j, mode in enumerate(modes)
+         for k, t in enumerate(tasks)}
+records = steps.merge_parts(out_path, lambda r: order.get(r["id"], (-1, 0, 0)))
+records = [r for r in records if r["checkpoint"] in {c[0] for c in ckpts}]
 rows = summarize(records)
 steps.write_jsonl_atomic(os.path.join(args.out, "summary.jsonl"), rows)
 steps.write_csv_atomic(os.path.join(args.out, "summary.csv"), rows)

@@ -72,6 +72,27 @@ def pick_device(name):
     return name, dtype
 
 
+def distributed(device):
+    """(rank, world, device) under torchrun (WORLD_SIZE > 1): a gloo (CPU) or nccl (CUDA) process group, and on
+    CUDA this process's GPU, cuda:LOCAL_RANK (as train.py picks it); (0, 1, device) in a plain run."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, device
+    import torch.distributed as dist
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    if device.startswith("cuda"):
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(device)
+    return dist.get_rank(), world, device
+
+
+def barrier(world):
+    """Wait for every process of a torchrun job (nothing in a plain run)."""
+    if world > 1:
+        import torch.distributed as dist
+        dist.barrier()
+
+
 def load_tokenizer(path):
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(path)

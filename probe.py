@@ -369,6 +369,10 @@ if args.threads:
 device, dtype = lm.pick_device(args.device)
 if args.dtype != "auto":
     dtype = getattr(torch, args.dtype)
+# Under torchrun each process takes every world-th batch (the batches are those of one process, so each
+# record is computed as it would be alone) and appends to its own part file; the first process checks the
+# output folder before the others start, and merges the parts at the end.
+rank, world, device = lm.distributed(device)
 ckpts = checkpoint_list()
 if args.conflicts_out and not args.conflicts:
     fail("--conflicts-out needs --conflicts")
@@ -402,38 +406,42 @@ for name, _, ckpt in ckpts:
 done_recs, done, fouts, made_from = {}, {}, {}, {}
 settings = {name: getattr(args, name) for name in RESULT_FLAGS} | {"dtype": str(dtype)}
 ckpt_ids = {name: steps.folder_digest(ckpt) for name, _, ckpt in ckpts if ckpt}
-for kind in kinds:  # one writer and one configuration per output folder, checked before anything is read
+paths = {kind: os.path.join(outs[kind], "records.jsonl") for kind in kinds}
+for kind in kinds if rank == 0 else []:  # one writer and one configuration per output folder, checked first
     steps.claim_output(outs[kind], fail)
     inputs = {**{f"{kind} {f}": steps.file_digest(f) for f in files[kind]}, "model": steps.model_identity(model_path)}
     if kind == "conflicts" and len(kinds) == 2:  # conflicts then come from the steps --data samples
         inputs.update({f"steps {f}": steps.file_digest(f) for f in files["steps"]})
     made_from[kind] = steps.check_made_from(os.path.join(outs[kind], "meta.json"),
                                             {"settings": settings, "inputs": inputs, "checkpoints": ckpt_ids},
-                                            [os.path.join(outs[kind], "records.jsonl")], fail)
-for kind in kinds:
+                                            [paths[kind], *steps.parts_of(paths[kind])], fail)
+for kind in kinds if rank == 0 else []:
     try:
-        done_recs[kind] = steps.read_done(os.path.join(outs[kind], "records.jsonl"))
+        steps.read_done_all(paths[kind])  # a damaged line stops the run here, before anything is rewritten
     except steps.DataError as e:
         fail(str(e))
-    done[kind] = {r["id"] for r in done_recs[kind]}
-    print(f"probe ({kind}) device {device} ({dtype}), model {model_path}, {len(ckpts)} checkpoint(s), "
-          f"{len(records[kind])} records from {', '.join(files[kind])}, {len(done[kind])} already in "
-          f"{os.path.join(outs[kind], 'records.jsonl')}")
-    steps.write_json_atomic(os.path.join(outs[kind], "meta.json"),
-                            {"args": vars(args), "model_path": model_path, "checkpoints": ckpts, "files": files[kind],
-                             "device": device, "dtype": str(dtype), "made_from": made_from[kind]})
+    meta_path = os.path.join(outs[kind], "meta.json")
+    steps.write_json_atomic(meta_path, {"args": vars(args), "model_path": model_path, "files": files[kind],
+                                        "checkpoints": steps.merged_checkpoints(meta_path, ckpts), "device": device,
+                                        "dtype": str(dtype), "made_from": made_from[kind], "processes": world})
+lm.barrier(world)
+for kind in kinds:
+    done[kind] = {r["id"] for r in steps.read_done_all(paths[kind])}
+    if rank == 0:
+        print(f"probe ({kind}) device {device} ({dtype}) x {world} process(es), model {model_path}, {len(ckpts)} "
+              f"checkpoint(s), {len(records[kind])} records from {', '.join(files[kind])}, {len(done[kind])} already in "
+              f"{paths[kind]}")
 
 
 def write_rows(kind, batch, rows, name, step):
     for rec, row in zip(batch, rows):
         row.update(id=f"{name}/{rec['id']}", checkpoint=name, step=step)
     steps.append_jsonl(fouts[kind], rows)
-    done_recs[kind].extend(rows)
 
 
 t0 = time.time()
 for kind in kinds:
-    fouts[kind] = open(os.path.join(outs[kind], "records.jsonl"), "a")
+    fouts[kind] = open(steps.part_path(paths[kind], rank, world), "a")
 for name, step, ckpt in ckpts:
     todo = {kind: [r for r in records[kind] if f"{name}/{r['id']}" not in done[kind]] for kind in kinds}
     if not any(todo.values()):
@@ -447,15 +455,17 @@ for name, step, ckpt in ckpts:
     # With both probes, a conflict runs with its step's batch, from the same prompt pass; the rest after.
     by_step = {}
     if len(kinds) == 2:
+        in_pass = {r["id"] for r in todo["steps"]}
         for c in todo["conflicts"]:
             by_step.setdefault(c["step_id"], []).append(c)
+        todo["conflicts"] = [c for c in todo["conflicts"] if c["step_id"] not in in_pass]  # those whose step is done
     try:
         for kind in kinds:
-            if kind == "conflicts" and len(kinds) == 2:  # those whose step was not in this pass
-                todo[kind] = [c for cs in by_step.values() for c in cs]
             todo[kind].sort(key=lambda r: len(json.dumps(r["messages"])))  # similar prompt lengths share a batch
-            bar = tqdm(total=len(todo[kind]), desc=f"probe {name} {kind}", unit="rec")
-            for b in range(0, len(todo[kind]), args.batch_size):
+            starts = range(0, len(todo[kind]), args.batch_size)[rank::world]  # this process's batches
+            bar = tqdm(total=sum(len(todo[kind][b:b + args.batch_size]) for b in starts), desc=f"probe {name} {kind}",
+                       unit="rec", disable=rank > 0)
+            for b in starts:
                 batch = todo[kind][b:b + args.batch_size]
                 if kind == "conflicts":
                     write_rows(kind, batch, conflict_batch(model, tok, batch), name, step)
@@ -479,6 +489,14 @@ for name, step, ckpt in ckpts:
     del model
 for f in fouts.values():
     f.close()
+lm.barrier(world)
+if rank > 0:
+    sys.exit(0)
+# One file per output whatever the number of processes: the records in input order within each checkpoint.
+order = {kind: {f"{n}/{r['id']}": (i, j) for i, (n, _, _) in enumerate(ckpts) for j, r in enumerate(records[kind])}
+         for kind in kinds}
+for kind in kinds:
+    done_recs[kind] = steps.merge_parts(paths[kind], lambda r, o=order[kind]: o.get(r["id"], (-1, 0)))
 
 for kind in kinds:
     conflicts = kind == "conflicts"

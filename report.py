@@ -138,6 +138,9 @@ def load(kind, filename):
     recs, seen, configs, labels = [], {}, {}, {}
     for folder in sorted(glob.glob(os.path.join(args.results, kind, "*"))):
         path = os.path.join(folder, filename)
+        if steps.parts_of(path):
+            fail(f"{folder}: part files of an unfinished multi-process run ({', '.join(map(os.path.basename, steps.parts_of(path)))}); "
+                 f"rerun that command to finish and merge them")
         if not os.path.exists(path):
             continue
         config, info = run_info(folder)

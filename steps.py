@@ -442,6 +442,17 @@ def check_made_from(meta_path, made_from, results, fail):
     return dict(made_from, checkpoints={**old_checkpoints, **made_from["checkpoints"]})
 
 
+def merged_checkpoints(meta_path, ckpts):
+    """[name, step, path] of this run's checkpoints after those an earlier run into the same folder listed (its
+    records stay, and report.py ties each record to its checkpoint through this list)."""
+    try:
+        with open(meta_path) as f:
+            old = [c for c in json.load(f)["checkpoints"] if c[0] not in {name for name, _, _ in ckpts}]
+    except (OSError, ValueError, KeyError, TypeError):
+        old = []
+    return [list(c) for c in old] + [list(c) for c in ckpts]
+
+
 def exit_on_signals():
     """SIGINT (Ctrl-C) and SIGTERM end the process with one line and no traceback, as a kill would: every
     stage writes whole records and resumes, so there is nothing to clean up."""
@@ -622,6 +633,38 @@ def read_done(path):
             except json.JSONDecodeError as e:  # damage other than a torn last line: never guess, never overwrite
                 raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}); "
                                 f"fix or remove that line to resume") from None
+    return records
+
+
+def part_path(path, rank, world):
+    """Where one process of a multi-process run appends: <name>.part-<rank>.jsonl beside path (path itself alone)."""
+    return path if world == 1 else f"{path[:-len('.jsonl')]}.part-{rank}.jsonl"
+
+
+def parts_of(path):
+    """The part files a multi-process run left beside path (records.jsonl -> records.part-*.jsonl), sorted."""
+    return sorted(glob.glob(f"{glob.escape(path[:-len('.jsonl')])}.part-[0-9]*.jsonl"))
+
+
+def read_done_all(path):
+    """Records already in path and in any part files beside it (a killed multi-process run's), path's first."""
+    return [r for p in [path] + parts_of(path) for r in read_done(p)]
+
+
+def merge_parts(path, order):
+    """Rewrite path whole from itself and its part files, then remove the parts: the records in a canonical
+    order (order(record): a sort key; equal keys keep file order, so a retried episode stays after its errored
+    record), each distinct record once. The file is then the same whatever the number of processes was."""
+    records, seen = [], set()
+    for r in read_done_all(path):
+        key = json.dumps(r, sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            records.append(r)
+    records.sort(key=order)
+    write_jsonl_atomic(path, records)
+    for p in parts_of(path):
+        os.remove(p)
     return records
 
 

@@ -3,13 +3,12 @@ import json
 import os
 import re
 import shutil
-import warnings
 
 import pytest
 
 import lm
 import steps
-from conftest import run
+from conftest import run, torchrun, torchrun_failure
 
 
 def train(tiny_model, data_dir, out, *extra, check=True):
@@ -181,26 +180,12 @@ def test_bad_input_fails_cleanly(tiny_model, small_data, tmp_path):
 
 def test_two_gloo_processes_match_one(tiny_model, small_data, tmp_path):
     """torchrun with 2 CPU processes trains the same adapter as one process (dropout off)."""
-    import subprocess
-    import sys
-
     from safetensors.torch import load_file
     common = ["--model", tiny_model, "--data", f"{small_data[0]}/alfworld_train.jsonl", "--max-steps", "2",
               "--batch-size", "5", "--lora-dropout", "0", "--threads", "1"]
     run("train.py", *common, "--out", str(tmp_path / "one"))
-    for attempt in range(2):
-        shutil.rmtree(tmp_path / "two", ignore_errors=True)
-        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "train.py", *common,
-                               "--out", str(tmp_path / "two")], cwd=os.path.dirname(os.path.dirname(__file__)) or ".",
-                              capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-        # One CI run in many saw a rank abort inside gloo (exitcode -6, SIGABRT), not reproduced in 15 local runs,
-        # 12 of them under a CPU hog: such an abort is retried once, with a warning; anything else fails at once.
-        if proc.returncode == 0 or "exitcode: -6" not in proc.stderr or attempt:
-            break
-        warnings.warn("a torchrun rank aborted (SIGABRT) in gloo; retrying once:\n" + proc.stderr[:1500])
-    # torchrun's own report ends stderr; the failing rank's reason is further up
-    reasons = [line for line in proc.stderr.splitlines() if "what()" in line or "Error" in line or "error" in line]
-    assert proc.returncode == 0, "\n".join(reasons[:20]) + "\n...\n" + proc.stderr[-1000:]
+    proc = torchrun("train.py", *common, "--out", str(tmp_path / "two"))
+    assert proc.returncode == 0, torchrun_failure(proc)
     assert "x 2 process(es)" in proc.stdout
     a = load_file(tmp_path / "one" / "checkpoint-000002" / "adapter_model.safetensors")
     b = load_file(tmp_path / "two" / "checkpoint-000002" / "adapter_model.safetensors")
