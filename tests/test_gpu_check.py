@@ -33,3 +33,17 @@ def test_gpu_check_stages_micro_batches_and_profile(small_data, tmp_path):
     for name in ("lm.run_branches", "transformers generate"):
         assert f"profile of 16 greedy tokens at batch 1, {name}:" in proc.stdout
     assert "aten::" in proc.stdout and "gpu_check done: all stages ok" in proc.stdout
+
+
+def test_cost_model_scales_with_model_size_and_gpus():
+    """bench/cost_model.py: hours proportional to parameters (rates scaled by size), divided by the GPUs."""
+    def table(*extra):
+        out = run("bench/cost_model.py", "--params", "4,8", *extra).stdout
+        return [[float(c.replace(",", "")) for c in line.split("|")[3:5]] for line in out.splitlines()
+                if line.startswith("| 4B") or line.startswith("| 8B")]
+    rows = table("--gpus", "8")
+    assert len(rows) == 6
+    for (one_a, eight_a), (one_b, _) in zip(rows[:3], rows[3:]):
+        assert abs(one_b - 2 * one_a) <= 0.11 and abs(eight_a - one_a / 8) <= 0.06
+    doubled = table("--epochs", "10")
+    assert abs(doubled[0][0] - 2 * rows[0][0]) <= 0.11 and doubled[1] == rows[1]  # training only
