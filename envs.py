@@ -237,7 +237,8 @@ def sciworld_tasks(env=None, every_ood_variation=False):
         for name, meta in sorted(sciworld_task_table().items(), key=lambda kv: [int(x) for x in kv[1]["task_id"].split("-")]):
             ood = meta["task_id"] in SCIWORLD_OOD
             server.load(name, 0, "", False)
-            held = server.getVariationsTest() + (server.getVariationsTrain() + server.getVariationsDev() if every_ood_variation else [])
+            held = list(server.getVariationsTest()) + (list(server.getVariationsTrain()) + list(server.getVariationsDev())
+                                                         if every_ood_variation else [])
             groups = [("ood_test", sorted(held))] if ood else \
                 [("train", server.getVariationsTrain()), ("id_test", server.getVariationsTest())]
             for split, variations in groups:

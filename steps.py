@@ -7,7 +7,8 @@ One agent step is one record; its response is
 
 The tags live in data/templates/format.json, the system prompts in
 data/templates/prompts.json; nothing here pastes a prompt inline. Pure functions
-only (plus file I/O helpers), the way nanoGPT shares only model.py.
+only (plus file I/O helpers: atomic writes, resumable appends, one writer and one
+configuration per output), the way nanoGPT shares only model.py.
 """
 import functools
 import glob

@@ -104,7 +104,7 @@ def test_crashed_or_hung_env_is_restarted_and_retried(all_data, tmp_path):
     # A rerun with working environments retries them; the summary then counts them as completed.
     run(*argv)
     recs = read(tmp_path / "always" / "episodes.jsonl")
-    assert len(recs) == 4 and [r["errored"] for r in recs] == [True, True, False, False]
+    assert len(recs) == 4 and [r["errored"] for r in recs] == [True, False, True, False]  # each retry after its error
     summary = read(tmp_path / "always" / "summary.jsonl")
     assert all(row["n"] == 2 and row["errors"] == 0 and row["won"] == 1.0 for row in summary)
     assert "2 episodes already in" in run(*argv).stdout  # nothing left to do, nothing run twice

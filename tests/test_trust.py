@@ -260,6 +260,8 @@ def test_out_naming_an_existing_file_is_one_line(script, tiny_model, small_data,
         target.write_text("keep me\n")
     before = snapshot(target) if target.is_file() else {}
     check_fails_cleanly(run(script, *argv, "--out", str(target), check=False), [str(target)], before)
+    if target.is_file():  # a place nothing can be written (tests run as root, so not a permission): under a file
+        check_fails_cleanly(run(script, *argv, "--out", str(target / "sub"), check=False), ["cannot write there"], before)
 
 
 # ----------------------------------------------------------------------------- inputs that are not what they claim
