@@ -380,6 +380,16 @@ def run_checkpoint(ckpt, episodes, policy, workers, fout):
     bar = tqdm(total=len(queue), desc=f"eval {ckpt[0]}", unit="ep", disable=rank > 0)
     n_done = 0
 
+    def end(s):
+        """Record the slot's finished episode and free the slot."""
+        nonlocal n_done
+        if policy is not None:
+            policy.forget(slots[s]["id"])
+        steps.append_jsonl(fout, [finish(slots[s])])
+        slots[s] = None
+        n_done += 1
+        bar.update()
+
     def crashed(s, err):
         """Restart the slot's worker; retry the episode once, then record it with its error."""
         nonlocal n_done
@@ -435,12 +445,7 @@ def run_checkpoint(ckpt, episodes, policy, workers, fout):
             ep = slots[s]
             if out is None:  # its prompt outgrew the context: the episode ends here, as its own outcome
                 ep["context_exceeded"] = True
-                if policy is not None:
-                    policy.forget(ep["id"])
-                steps.append_jsonl(fout, [finish(ep)])
-                slots[s] = None
-                n_done += 1
-                bar.update()
+                end(s)
                 continue
             t = len(ep["actions"])
             if args.policy == "expert":
@@ -475,12 +480,7 @@ def run_checkpoint(ckpt, episodes, policy, workers, fout):
             ep["won"], ep["score"], ep["valid"] = r["info"]["won"], r["info"]["score"], r["valid"]
             ep["turns_passed"] = r["info"].get("turns_passed")
             if r["done"] or len(ep["actions"]) >= ep["max_steps"]:
-                if policy is not None:
-                    policy.forget(ep["id"])
-                steps.append_jsonl(fout, [finish(ep)])
-                slots[s] = None
-                n_done += 1
-                bar.update()
+                end(s)
     bar.close()
     return n_done
 
