@@ -1,3 +1,4 @@
+import json
 import os
 import subprocess
 import sys
@@ -8,9 +9,38 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
-def run(*argv, check=True, timeout=900):
-    """Run a project script as a subprocess from the repo root; return the CompletedProcess."""
-    proc = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+_zygote = None
+
+
+def _server():
+    """The session's fork server (tests/zygote.py), started on first use; it exits when the tests do."""
+    global _zygote
+    if _zygote is None or _zygote.poll() is not None:
+        _zygote = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "zygote.py")], cwd=ROOT,
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    return _zygote
+
+
+def run(*argv, check=True, timeout=900, fresh=False):
+    """Run a project script as its own process from the repo root; return the CompletedProcess. The process is
+    forked from a server that has imported torch, transformers and peft (tests/zygote.py), which saves their
+    import time on each of the suite's ~150 runs; fresh=True starts a new interpreter instead, for tests that
+    compare separate runs (a fork shares the server's hash seed)."""
+    if fresh:
+        proc = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    else:
+        import tempfile
+        with tempfile.TemporaryDirectory() as tmp:
+            out, err = os.path.join(tmp, "out"), os.path.join(tmp, "err")
+            server = _server()
+            server.stdin.write(json.dumps({"argv": [str(a) for a in argv], "out": out, "err": err,
+                                           "timeout": timeout}) + "\n")
+            server.stdin.flush()
+            answer = json.loads(server.stdout.readline())
+            with open(out, errors="replace") as f_out, open(err, errors="replace") as f_err:
+                proc = subprocess.CompletedProcess(argv, answer["rc"], f_out.read(), f_err.read())
+        if answer["timed_out"]:
+            raise subprocess.TimeoutExpired(argv, timeout, proc.stdout, proc.stderr)
     if check and proc.returncode != 0:
         raise AssertionError(f"{argv} exited {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}")
     return proc
@@ -45,7 +75,8 @@ def small_data(tmp_path_factory):
     outs = []
     for name, jobs in (("a", "1"), ("b", "2")):
         out = tmp_path_factory.mktemp(f"data_{name}")
-        run("make_data.py", "--env", "alfworld,bfcl", "--seed", "3", "--out", str(out), "--jobs", jobs, *SMALL)
+        run("make_data.py", "--env", "alfworld,bfcl", "--seed", "3", "--out", str(out), "--jobs", jobs, *SMALL,
+            fresh=name == "b")  # two interpreters (two hash seeds), as two users' runs
         outs.append(out)
     return outs
 

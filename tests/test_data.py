@@ -143,10 +143,10 @@ def test_searching_expert_looks_before_it_finds(tmp_path):
     where it is; every action is admissible where it is taken, every episode is still won when replayed,
     and the search steps are reasoned as searches."""
     out = tmp_path / "d"
-    run("make_data.py", "--env", "alfworld", "--seed", "1", "--out", str(out), "--alfworld-train-per-type", "3",
-        "--alfworld-test-per-type", "1", "--alfworld-search", "2")
+    run("make_data.py", "--env", "alfworld", "--seed", "1", "--out", str(out), "--alfworld-train-per-type", "1",
+        "--alfworld-test-per-type", "1", "--alfworld-search", "2")  # 10 episodes
     meta = json.loads((out / "meta.json").read_text())["alfworld"]
-    assert meta["expert_failed"] == 0 and meta["search_fallbacks"] <= 6
+    assert meta["expert_failed"] == 0 and meta["search_fallbacks"] <= 3
     recs = [r for rows in load_dir(out).values() for r in rows]
     episodes = {}
     for r in recs:
@@ -235,7 +235,7 @@ def test_sciworld_data_is_deterministic_and_split(sci_data, tmp_path):
     for attempt in range(2):
         out = tmp_path / f"b{attempt}"
         run("make_data.py", "--env", "scienceworld", "--sciworld-tasks", "find-living-thing,find-animal", "--seed", "5",
-            "--out", str(out))
+            "--out", str(out), fresh=True)  # another interpreter than sci_data's
         if same(out) or attempt:
             break
         warnings.warn("ScienceWorld data differed from the same command's (the engine's gold path); repeating once")

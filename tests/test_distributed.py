@@ -50,7 +50,8 @@ def test_probe_under_torchrun_matches_one_process_and_resumes_across_process_cou
 
 def test_evaluate_under_torchrun_matches_one_process(tiny_model, small_data, tmp_path):
     common = ["--model", tiny_model, "--data", str(small_data[0]), "--env", "alfworld,bfcl", "--mode", "both",
-              "--max-steps", "3", "--max-thought-tokens", "6", "--max-action-tokens", "6", "--num-envs", "2", "--threads", "1"]
+              "--max-steps", "3", "--max-thought-tokens", "6", "--max-action-tokens", "6", "--num-envs", "2", "--threads", "1",
+              "--max-episodes", "2"]  # per env and split: 2 processes still share 12 episodes
     run("evaluate.py", *common, "--out", str(tmp_path / "one"))
     proc = torchrun("evaluate.py", *common, "--out", str(tmp_path / "two"))
     assert proc.returncode == 0, torchrun_failure(proc)
@@ -59,8 +60,8 @@ def test_evaluate_under_torchrun_matches_one_process(tiny_model, small_data, tmp
     for name in ("summary.jsonl", "summary.csv"):
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
     # The expert policy needs no model: its processes only share the episodes.
-    run("evaluate.py", "--policy", "expert", "--data", str(small_data[0]), "--env", "alfworld", "--out", str(tmp_path / "e1"))
-    proc = torchrun("evaluate.py", "--policy", "expert", "--data", str(small_data[0]), "--env", "alfworld",
-                    "--out", str(tmp_path / "e2"))
+    expert = ["--policy", "expert", "--data", str(small_data[0]), "--env", "alfworld", "--max-episodes", "2"]
+    run("evaluate.py", *expert, "--out", str(tmp_path / "e1"))
+    proc = torchrun("evaluate.py", *expert, "--out", str(tmp_path / "e2"))
     assert proc.returncode == 0, torchrun_failure(proc)
     assert without_seconds(tmp_path / "e1" / "episodes.jsonl") == without_seconds(tmp_path / "e2" / "episodes.jsonl")

@@ -86,7 +86,7 @@ def test_crashed_or_hung_env_is_restarted_and_retried(all_data, tmp_path):
         out = tmp_path / mode
         worker = f"{sys.executable} {os.path.join(ROOT, 'tests', 'fake_worker.py')} {mode} {tmp_path / (mode + '.marker')}"
         run("evaluate.py", "--policy", "expert", "--data", str(all_data), "--env", "alfworld", "--split", "ood_test",
-            "--num-envs", "2", "--step-timeout", "20", "--worker-cmd", worker, "--out", str(out))
+            "--num-envs", "2", "--step-timeout", "10", "--worker-cmd", worker, "--out", str(out))
         recs = read(out / "episodes.jsonl")
         assert len(recs) == 2 and all(r["won"] and r["error"] is None for r in recs)
         assert sorted(r["tries"] for r in recs) == [1, 2]  # the restart is on the record

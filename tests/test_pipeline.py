@@ -22,13 +22,12 @@ def pipeline(model, data, out, train_extra=(), sample=("--max-records", "1"), th
         "--max-per-split", "1", "--out", str(out / "conflicts.jsonl"))
     gen = ["--max-thought-tokens", "16", "--max-action-tokens", "12", "--threads", threads]
     test_data = [f"{data}/*_id_test.jsonl", f"{data}/*_ood_test.jsonl"]
-    run("probe.py", "--model", model, "--data", *test_data, *sample, *gen, "--out", str(out / "probe" / "base"))
-    run("probe.py", "--model", model, "--conflicts", str(out / "conflicts.jsonl"), *gen, "--out", str(out / "conflicts" / "base"))
+    conflicts = ["--conflicts", str(out / "conflicts.jsonl")]  # probed in the steps' pass, as study.sh does
+    run("probe.py", "--model", model, "--data", *test_data, *sample, *gen, *conflicts,
+        "--conflicts-out", str(out / "conflicts" / "base"), "--out", str(out / "probe" / "base"))
     for r in runs:
         run("probe.py", "--model", model, "--no-base", "--checkpoints", str(r), "--data", *test_data, *sample, *gen,
-            "--out", str(out / "probe" / r.name))
-        run("probe.py", "--model", model, "--no-base", "--checkpoints", str(r), "--conflicts", str(out / "conflicts.jsonl"), *gen,
-            "--out", str(out / "conflicts" / r.name))
+            *conflicts, "--conflicts-out", str(out / "conflicts" / r.name), "--out", str(out / "probe" / r.name))
         run("evaluate.py", "--model", model, "--adapter", str(r), "--data", str(data), "--max-episodes", "1", "--max-steps", "2",
             "--num-envs", "4", *gen, "--out", str(out / "eval" / r.name))
     return run("report.py", "--results", str(out))
@@ -57,7 +56,7 @@ def test_tiny_pipeline(tiny_model, all_data, tmp_path):
         (e, s, m) for e in ("alfworld", "scienceworld", "bfcl") for s in ("id_test", "ood_test") for m in ("prompt", "cot")}
     # The report is a pure function of its inputs: run it again, same bytes.
     first = {n: (tmp_path / "report" / n).read_bytes() for n in sorted(os.listdir(tmp_path / "report"))}
-    run("report.py", "--results", str(tmp_path))
+    run("report.py", "--results", str(tmp_path), fresh=True)
     assert first == {n: (tmp_path / "report" / n).read_bytes() for n in sorted(os.listdir(tmp_path / "report"))}
 
 

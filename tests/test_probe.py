@@ -143,7 +143,7 @@ def test_probe_resume_and_seed_determinism(tiny_model, small_data, tmp_path):
     args = ["--model", tiny_model, "--data", f"{small_data[0]}/alfworld_*_test.jsonl", "--max-records", "2",
             "--attribution-samples", "1", *FAST]
     run("probe.py", *args, "--out", str(tmp_path / "a"))
-    run("probe.py", *args, "--out", str(tmp_path / "b"))
+    run("probe.py", *args, "--out", str(tmp_path / "b"), fresh=True)
     a = (tmp_path / "a" / "records.jsonl").read_bytes()
     assert len(a.splitlines()) == 4
     assert a == (tmp_path / "b" / "records.jsonl").read_bytes()
@@ -163,7 +163,8 @@ def test_conflicts_are_valid_and_seeded(small_data, tmp_path):
     outs = []
     for name in ("a", "b"):
         out = tmp_path / f"{name}.jsonl"
-        proc = run("make_conflicts.py", "--data", f"{d}/*_test.jsonl", "--pool", f"{d}/*_train.jsonl", "--out", str(out), "--seed", "5")
+        proc = run("make_conflicts.py", "--data", f"{d}/*_test.jsonl", "--pool", f"{d}/*_train.jsonl", "--out", str(out), "--seed", "5",
+                   fresh=name == "b")
         assert "skipped no candidates: 8" in proc.stdout  # the BFCL steps
         outs.append(out.read_bytes())
     assert outs[0] == outs[1]

@@ -149,7 +149,7 @@ def test_make_conflicts_and_make_data_reruns_with_other_settings_are_refused(sma
     run(*conf)
     before = snapshot(tmp_path / "c.jsonl", tmp_path / "c.jsonl.meta.json")
     check_fails_cleanly(run(*conf, "--keep-frac", "0.5", check=False), ["--keep-frac", "1.0", "0.5"], before)
-    run(*conf)  # the same settings write the same bytes again
+    run(*conf, fresh=True)  # the same settings write the same bytes again, in another interpreter
     assert snapshot(tmp_path / "c.jsonl") == {k: v for k, v in before.items() if k.endswith("c.jsonl")}
     mk = ["make_data.py", "--env", "bfcl", "--bfcl-train", "2", "--bfcl-test", "1", "--out", str(tmp_path / "d")]
     run(*mk)
