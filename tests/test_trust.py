@@ -352,3 +352,21 @@ def test_adapter_weights_take_the_umask_mode(tiny_model, small_data, tmp_path):
                    cwd=ROOT, check=True, capture_output=True)
     for path in (out / "checkpoint-000001").iterdir():
         assert path.stat().st_mode & 0o777 == 0o644, path.name
+
+
+def test_two_first_runs_convert_the_embedded_model_once(tmp_path):
+    """A run that finds another converting the embedded model waits for its lock, then uses its folder
+    (here a stand-in the holder writes) instead of converting over it."""
+    import fcntl
+    folder = tmp_path / "SmolLM2-135M-Instruct"
+    with open(str(folder) + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # a first run, converting
+        waiter = subprocess.Popen([sys.executable, "-c", "import lm; print(lm.resolve_model(lm.EMBEDDED))"], cwd=ROOT,
+                                  env={**os.environ, "AGENTCOT_CACHE": str(tmp_path)}, stdout=subprocess.PIPE, text=True)
+        time.sleep(8)  # past its imports: it is now waiting on the lock
+        assert waiter.poll() is None
+        folder.mkdir()
+        (folder / "config.json").write_text("{}")
+    out, _ = waiter.communicate(timeout=120)
+    assert waiter.returncode == 0 and out.strip() == str(folder)
+    assert sorted(os.listdir(tmp_path)) == ["SmolLM2-135M-Instruct", "SmolLM2-135M-Instruct.lock"]
