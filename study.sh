@@ -110,7 +110,7 @@ for S in $SEEDS; do
     if [ "$S" = "$FIRST_SEED" ] && [[ " $PROBE_ALL " == *" $K "* ]]; then
       CKPTS=$RUN
     elif [ "$PROBE_LAST" = 1 ]; then
-      CKPTS=$(ls -d "$RUN"/checkpoint-* | sort -V | tail -1)  # by step: checkpoint-8 before checkpoint-121
+      CKPTS=$(ls -d "$RUN"/checkpoint-* | sort -V | tail -1)  # by step, zero-padded (train.py) or not
     else
       continue
     fi
