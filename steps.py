@@ -472,11 +472,13 @@ def umask_mode(path):
     to collaborators sharing a results folder."""
     umask = os.umask(0)
     os.umask(umask)
-    for root, _, files in os.walk(path) if os.path.isdir(path) else [(None, [], [path])]:
-        if root is not None:
-            os.chmod(root, 0o777 & ~umask)
+    if not os.path.isdir(path):
+        os.chmod(path, 0o666 & ~umask)
+        return
+    for root, _, files in os.walk(path):
+        os.chmod(root, 0o777 & ~umask)
         for name in files:
-            os.chmod(os.path.join(root, name) if root is not None else name, 0o666 & ~umask)
+            os.chmod(os.path.join(root, name), 0o666 & ~umask)
 
 
 # ----------------------------------------------------------------------------- checkpoints, from any trainer

@@ -2,6 +2,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -33,7 +34,6 @@ def run(*argv, check=True, timeout=900, fresh=False):
     if fresh:
         proc = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     else:
-        import tempfile
         with tempfile.TemporaryDirectory() as tmp:
             out, err = os.path.join(tmp, "out"), os.path.join(tmp, "err")
             server = _server()

@@ -72,8 +72,7 @@ def serve():
                 os.kill(pid, signal.SIGKILL)
                 timed_out = True
             time.sleep(0.02)
-        rc = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
-        reply.write(json.dumps({"rc": rc, "timed_out": timed_out}) + "\n")
+        reply.write(json.dumps({"rc": os.waitstatus_to_exitcode(status), "timed_out": timed_out}) + "\n")
         reply.flush()
 
 
