@@ -17,6 +17,8 @@ Writes to <results>/report/: one PNG per figure and the CSV behind it, and resul
   attribution.png    share of attention and of input gradient of the action on prompt vs thought
   online.png         success rate by mode, ID vs OOD, per k (last checkpoint of each run)
   ood_vs_k.png       OOD success vs k, by mode (seeds pooled)
+  pooled_over_seeds.csv  each k's measures at its last checkpoints pooled over seeds, and their change from the
+                     base model paired by step (two-level bootstrap), the claims' numbers; in results.md too
   k_effect.csv       each k minus the smallest, paired by step / conflict / game: per seed and pooled over seeds
                      (two-level bootstrap: seeds, then items), the table in results.md too
 Same inputs, same bytes: nothing here depends on time or order on disk.
@@ -321,6 +323,37 @@ def k_effect(recs, metrics, item_of):
     return rows
 
 
+def pooled_over_seeds(recs, metrics, item_of):
+    """Rows of each k's measures at its runs' last checkpoints, pooled over training seeds: the level, and the
+    change from the base model paired by item (item_of(record): the same probed step or conflict), each the
+    mean of the seed means with seeds_then_items' two-level interval, so every interval holds between-seed
+    variation. These are the numbers the claims are judged on."""
+    last = {}
+    for r in recs:
+        last[r["run"]] = max(last.get(r["run"], 0), r["step"])
+    base = {(r["split"], item_of(r)): r for r in recs if r["step"] == 0}
+    final = [r for r in recs if isinstance(r["k"], float) and r["step"] == last[r["run"]] and r["step"] > 0]
+    rows = []
+    for k in sorted({r["k"] for r in final}):
+        for split in SPLITS:
+            for m in metrics:
+                level, change = {}, {}
+                for r in final:
+                    if r["k"] != k or r["split"] != split or r.get(m) is None:
+                        continue
+                    level.setdefault(r["seed"], []).append(float(r[m]))
+                    b = base.get((split, item_of(r)))
+                    if b is not None and b.get(m) is not None:
+                        change.setdefault(r["seed"], []).append(float(r[m]) - float(b[m]))
+                if not level:
+                    continue
+                row = {"metric": m, "split": split, "k": k, "seeds": len(level), "n": sum(map(len, level.values()))}
+                row["value"], row["value_lo"], row["value_hi"] = seeds_then_items(level, args.seed)
+                row["change"], row["change_lo"], row["change_hi"] = seeds_then_items(change, args.seed) if change else (None,) * 3
+                rows.append(row)
+    return rows
+
+
 def local_id(r):
     """A record's id without its checkpoint's name: the same step, conflict or game across runs."""
     return r["id"][len(r["checkpoint"]) + 1:]
@@ -410,9 +443,11 @@ if conf:
                                                     ("prefers a2 (LL)", "prefers_a2")]), ""]
 
 if episodes:
-    for r in episodes:
+    several_seeds = len({r["seed"] for r in episodes if r["k"] is not None}) > 1
+    for r in episodes:  # a row per training run: seeds apart when there are several (pooled below)
         r["k_label"] = (r["run"] if r["run"] in ("base", "expert", "random") or r["k"] is None
-                        else "no-CoT" if r["k"] == "no-CoT" else f"k={r['k']}")
+                        else ("no-CoT" if r["k"] == "no-CoT" else f"k={r['k']}")
+                        + (f", seed {r['seed']}" if several_seeds else ""))
     last = {}
     for r in episodes:
         last[r["run"]] = max(last.get(r["run"], -1), r["step"])
@@ -452,9 +487,15 @@ if episodes:
              for (k, split, _), p in pairs.items() if len(p) == 2]
     if diffs:
         drows = table(diffs, ["k_label", "split"], ["cot_minus_prompt"])
+        for row in drows:  # the games a paired interval of +-0.05 would need at this spread (normal approximation)
+            sd = np.std([d["cot_minus_prompt"] for d in diffs if (d["k_label"], d["split"]) == (row["k_label"], row["split"])], ddof=1)
+            row["games_for_0.05"] = int(np.ceil((1.96 * sd / 0.05) ** 2)) if row["n"] > 1 else None
         steps.write_csv_atomic(os.path.join(OUT, "cot_minus_prompt.csv"), drows)
-        md += ["### CoT minus prompt success, paired by task", "", md_table(drows, [
-            ("model", "k_label"), ("split", "split"), ("n tasks", "n"), ("CoT - prompt", "cot_minus_prompt")]), ""]
+        md += ["### CoT minus prompt success, paired by task", "", "games for +-0.05: tasks a 95% interval of half-width "
+               "0.05 would need at this spread of the paired differences, (1.96 sd / 0.05)^2; telling two checkpoints "
+               "apart by 0.05 needs about twice that, more for 80% power.", "", md_table(drows, [
+            ("model", "k_label"), ("split", "split"), ("n tasks", "n"), ("CoT - prompt", "cot_minus_prompt"),
+            ("games for +-0.05", "games_for_0.05")]), ""]
     # Across checkpoints (evaluate.py --all-checkpoints): does the CoT advantage stay flat with training?
     by_ckpt = {}
     for r in episodes:
@@ -493,6 +534,30 @@ if effect:
            "items within each), so its interval includes between-seed variation (none with one seed).", "",
            md_table(effect, [("measure", "metric"), ("split", "split"), ("k", "k"), ("vs k", "vs_k"), ("seed", "seed"),
                              ("n", "n"), ("difference", "diff")]), ""]
+# The claims' numbers: each k's last checkpoints pooled over seeds, and their change from the base model.
+for r in probe:
+    if r.get("prompt_correct") is not None and r.get("cot_correct") is not None:
+        r["cot_minus_prompt"] = float(r["cot_correct"]) - float(r["prompt_correct"])
+online = {}
+for e in episodes:
+    if e["mode"] in ("prompt", "cot"):
+        online.setdefault((e["run"], e["step"], e["split"], e["task_id"]), dict(
+            {k: e[k] for k in ("run", "k", "seed", "step", "split", "task_id")}))[f"won_{e['mode']}"] = float(e["won"])
+for o in online.values():
+    if "won_cot" in o and "won_prompt" in o:
+        o["won_cot_minus_prompt"] = o["won_cot"] - o["won_prompt"]
+pooled = (pooled_over_seeds(probe, ["prompt_correct", "cot_correct", "cot_minus_prompt", "consistent", "helpful", "harmful",
+                                    "ll_prompt_mean", "ll_thought_mean", "ll_own_mean", "grad_prompt", "attn_prompt"], local_id)
+          + pooled_over_seeds(conf, ["follows", "anchors"], local_id)
+          + pooled_over_seeds(list(online.values()), ["won_prompt", "won_cot", "won_cot_minus_prompt"], lambda o: o["task_id"]))
+if pooled:
+    steps.write_csv_atomic(os.path.join(OUT, "pooled_over_seeds.csv"), pooled)
+    md += ["## Pooled over training seeds (last checkpoints)", "",
+           "Each k's runs at their last checkpoint: the mean of the seed means, and its change from the base model "
+           "paired by probed step or conflict; intervals from a two-level bootstrap (seeds, then items within each), "
+           "so they include between-seed variation (none with one seed). won_*: online, paired by game.", "",
+           md_table(pooled, [("measure", "metric"), ("split", "split"), ("k", "k"), ("seeds", "seeds"), ("n", "n"),
+                             ("value", "value"), ("change from base", "change")]), ""]
 with open(os.path.join(OUT, "results.md"), "w") as f:
     f.write("\n".join(md) + "\n")
 print(f"report done: {len(probe)} probe, {len(conf)} conflict, {len(episodes)} episode records -> {OUT}")

@@ -49,3 +49,44 @@ def test_k_effect_is_paired_and_pooled_over_seeds(tmp_path):
     won = next(r for r in rows if r["metric"] == "won (cot mode)" and r["seed"].startswith("pooled"))
     assert round(float(won["diff"]), 3) == 0.25 and int(won["n"]) == 60
     assert "The k effect, paired" in (results / "report" / "results.md").read_text()
+
+
+def test_claims_measures_are_pooled_over_seeds_with_their_change_from_base(tmp_path):
+    rng = random.Random(1)
+    results = tmp_path / "results"
+    base = {i: rng.random() < 0.3 for i in range(50)}
+    out = results / "probe" / "base"
+    out.mkdir(parents=True)
+    made = {"settings": {"seed": 0}, "inputs": {"data": "x", "model": "m"}, "checkpoints": {}}
+    (out / "meta.json").write_text(json.dumps({"args": {}, "checkpoints": [["base", 0, None]], "made_from": made}))
+    with open(out / "records.jsonl", "w") as f:
+        for i in range(50):
+            f.write(json.dumps({"id": f"base/step{i}", "checkpoint": "base", "step": 0, "env": "alfworld",
+                                "split": "id_test", "prompt_correct": base[i], "cot_correct": False}) + "\n")
+    # Training adds 0.1, 0.3 and 0.5 to CoT accuracy by seed; prompt accuracy stays the base's.
+    for seed, gain in ((0, 0.1), (1, 0.3), (2, 0.5)):
+        recs = [{"id": f"step{i}", "env": "alfworld", "split": "id_test", "prompt_correct": base[i], "cot_correct": gain}
+                for i in range(50)]
+        write_run(results, "probe", 0.0, seed, 10, recs)
+        eps = [{"id": f"{mode}/g{i}", "env": "alfworld", "split": "id_test", "task_id": f"g{i}", "mode": mode,
+                "won": bool(i < (4 + seed if mode == "cot" else 2)), "errored": False}
+               for mode in ("prompt", "cot") for i in range(20)]
+        write_run(results, "eval", 0.0, seed, 10, eps)
+    run("report.py", "--results", str(results))
+    rows = {r["metric"]: r for r in csv.DictReader(open(results / "report" / "pooled_over_seeds.csv"))}
+    cot = rows["cot_correct"]
+    assert cot["seeds"] == "3" and cot["n"] == "150"
+    assert round(float(cot["value"]), 3) == 0.3 == round(float(cot["change"]), 3)
+    # Between-seed variation is in the interval: it spans the seeds' spread, which no step varies by.
+    assert float(cot["change_lo"]) <= 0.1 + 1e-9 and float(cot["change_hi"]) >= 0.5 - 1e-9
+    prompt = rows["prompt_correct"]
+    assert float(prompt["change"]) == 0.0 == float(prompt["change_lo"]) == float(prompt["change_hi"])
+    mean_base = sum(base.values()) / 50
+    assert round(float(rows["cot_minus_prompt"]["value"]), 3) == round(0.3 - mean_base, 3)
+    # Online, paired by game: CoT wins 4, 5, 6 of 20 by seed, prompt 2; no base rollouts, so no change.
+    won = rows["won_cot_minus_prompt"]
+    assert round(float(won["value"]), 3) == 0.15 and won["change"] == ""
+    md = (results / "report" / "results.md").read_text()
+    assert "Pooled over training seeds" in md and "| k=0.0, seed 2 | id_test | cot | 20 |" in md
+    # Seed 0's paired differences are 2 ones and 18 zeros: sd 0.308, so (1.96 * 0.308 / 0.05)^2 = 146 games.
+    assert "| k=0.0, seed 0 | id_test | 20 | 0.10 [0.00, 0.25] | 146 |" in md
