@@ -574,13 +574,10 @@ if args.policy == "model" or world > 1:
     rank, world, device = lm.distributed(device)
 if args.policy == "model":
     try:
-        args.model = steps.base_model(args.model, [c for _, _, c in ckpts if c])
+        args.model, model_path, tok = lm.load_base(args.model, [c for _, _, c in ckpts if c])
     except ValueError as e:
         fail(str(e))
-    try:
-        model_path = lm.resolve_model(args.model)
-        tok = lm.load_tokenizer(model_path)
-    except (OSError, ValueError) as e:
+    except OSError as e:
         fail(f"cannot load model {args.model!r}: {e}")
 out_path = os.path.join(args.out, "episodes.jsonl")
 if rank == 0:  # one writer and one configuration per output folder, checked before anything there is read or written

@@ -10,6 +10,7 @@
 """
 import fcntl
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -100,6 +101,35 @@ def barrier(world):
     if world > 1:
         import torch.distributed as dist
         dist.barrier()
+
+
+def load_base(given, checkpoints):
+    """(name, path, tokenizer) of the base model to load checkpoints on: steps.base_model picks it (--model, else
+    what the checkpoints name), and every train.py checkpoint must have been trained on it (the same name, the
+    same folder or the same weights by content). ValueError otherwise: an adapter loaded on another base model
+    of the same shape would load without a word and measure nothing. OSError where the model cannot be read."""
+    name = steps.base_model(given, checkpoints)
+    path = resolve_model(name)
+    identity = None
+    for ckpt in checkpoints:
+        meta_path = os.path.join(ckpt, "meta.json")
+        if not os.path.exists(meta_path):  # another trainer's adapter: steps.base_model read its config
+            continue
+        try:
+            with open(meta_path) as f:
+                meta = json.load(f)
+            trained_name, trained_path = meta.get("args", {}).get("model"), meta.get("model_path")
+        except (OSError, ValueError, AttributeError) as e:
+            raise ValueError(f"{meta_path}: not readable train.py metadata ({type(e).__name__}: {e})") from None
+        if trained_name == name or (trained_path and os.path.abspath(trained_path) == os.path.abspath(path)):
+            continue
+        if meta.get("model_identity"):  # a copy of the base model under another name or folder is the same model
+            identity = identity or steps.model_identity(path)
+            if meta["model_identity"] == identity:
+                continue
+        raise ValueError(f"{ckpt} was trained on {trained_name or trained_path}, not on {name}; pass --model with "
+                         f"the base model it was trained on")
+    return name, path, load_tokenizer(path)
 
 
 def load_tokenizer(path):

@@ -388,20 +388,11 @@ try:
 except steps.DataError as e:
     fail(str(e))
 try:
-    args.model = steps.base_model(args.model, [c for _, _, c in ckpts if c])
+    args.model, model_path, tok = lm.load_base(args.model, [c for _, _, c in ckpts if c])
 except ValueError as e:
     fail(str(e))
-try:
-    model_path = lm.resolve_model(args.model)
-    tok = lm.load_tokenizer(model_path)
-except (OSError, ValueError) as e:
+except OSError as e:
     fail(f"cannot load model {args.model!r}: {e}")
-for name, _, ckpt in ckpts:
-    if ckpt and os.path.exists(os.path.join(ckpt, "meta.json")):  # train.py says which base model it trained
-        with open(os.path.join(ckpt, "meta.json")) as f:
-            trained_on = json.load(f).get("model_path")
-        if trained_on and os.path.abspath(trained_on) != os.path.abspath(model_path) and trained_on != args.model:
-            fail(f"{ckpt} was trained on {trained_on}, not on --model {model_path}")
 
 done_recs, done, fouts, made_from = {}, {}, {}, {}
 settings = {name: getattr(args, name) for name in RESULT_FLAGS} | {"dtype": str(dtype)}

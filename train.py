@@ -176,7 +176,7 @@ def save_checkpoint(model, tok, optimizer, step, epoch, data_hashes):
                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
                os.path.join(tmp, "training_state.pt"))
     import importlib.metadata as md
-    meta = {"args": vars(args), "model_path": model_path, "data": data_hashes, "step": step, "epoch": epoch,
+    meta = {"args": vars(args), "model_path": model_path, "model_identity": model_identity, "data": data_hashes, "step": step, "epoch": epoch,
             "seed": args.seed, "device": device, "dtype": str(dtype), "run_identity": run_identity(data_hashes),
             "versions": {p: md.version(p) for p in ("torch", "transformers", "peft")}}
     steps.write_json_atomic(os.path.join(tmp, "meta.json"), meta)
@@ -258,6 +258,7 @@ main_process = rank == 0
 try:
     model_path = lm.resolve_model(args.model)
     tok = lm.load_tokenizer(model_path)
+    model_identity = steps.model_identity(model_path)  # probe.py and evaluate.py check adapters against it
 except (OSError, ValueError) as e:
     fail(f"cannot load model {args.model!r}: {e}")
 pad_id = tok.pad_token_id

@@ -327,6 +327,25 @@ def test_a_checkpoint_naming_a_missing_base_model_is_an_error(tiny_model, small_
     assert not (tmp_path / "e").exists()
 
 
+def test_an_adapter_trained_on_another_base_model_is_refused(tiny_model, small_data, tiny_run, tmp_path):
+    ckpt = str(tiny_run / "checkpoint-000002")
+    same, other = tmp_path / "same", tmp_path / "other"
+    shutil.copytree(tiny_model, same)  # the same weights in another folder: the same base model
+    shutil.copytree(tiny_model, other)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps(dict(config, rms_norm_eps=1e-5)))  # loads the adapter without a word
+    data = f"{small_data[0]}/alfworld_id_test.jsonl"
+    proc = run("probe.py", "--model", str(other), "--no-base", "--checkpoints", ckpt, "--data", data, *PROBE,
+               "--out", str(tmp_path / "p"), check=False)
+    check_fails_cleanly(proc, [ckpt, "was trained on", str(other)], {})
+    proc = run("evaluate.py", "--model", str(other), "--adapter", ckpt, "--data", str(small_data[0]), "--env", "alfworld",
+               "--max-episodes", "1", "--out", str(tmp_path / "e"), check=False)
+    check_fails_cleanly(proc, [ckpt, "was trained on", str(other)], {})
+    assert not (tmp_path / "p").exists() and not (tmp_path / "e").exists()
+    run("probe.py", "--model", str(same), "--no-base", "--checkpoints", ckpt, "--data", data, *PROBE,
+        "--out", str(tmp_path / "p2"))
+
+
 # ----------------------------------------------------------------------------- signals and file modes
 
 def test_ctrl_c_is_one_line_and_resumable(tiny_model, small_data, tmp_path):
