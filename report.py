@@ -489,7 +489,7 @@ if episodes:
         drows = table(diffs, ["k_label", "split"], ["cot_minus_prompt"])
         for row in drows:  # the games a paired interval of +-0.05 would need at this spread (normal approximation)
             sd = np.std([d["cot_minus_prompt"] for d in diffs if (d["k_label"], d["split"]) == (row["k_label"], row["split"])], ddof=1)
-            row["games_for_0.05"] = int(np.ceil((1.96 * sd / 0.05) ** 2)) if row["n"] > 1 else None
+            row["games_for_0.05"] = int(np.ceil((1.96 * sd / 0.05) ** 2)) if row["n"] > 1 and sd > 0 else None  # no spread: unknown
         steps.write_csv_atomic(os.path.join(OUT, "cot_minus_prompt.csv"), drows)
         md += ["### CoT minus prompt success, paired by task", "", "games for +-0.05: tasks a 95% interval of half-width "
                "0.05 would need at this spread of the paired differences, (1.96 sd / 0.05)^2; telling two checkpoints "
