@@ -18,9 +18,9 @@ Writes to <results>/report/: one PNG per figure and the CSV behind it, and resul
   online.png         success rate by mode, ID vs OOD, per k (last checkpoint of each run)
   ood_vs_k.png       OOD success vs k, by mode (seeds pooled)
   pooled_over_seeds.csv  each k's measures at its last checkpoints pooled over seeds, and their change from the
-                     base model paired by step (two-level bootstrap), the claims' numbers; in results.md too
+                     base model paired by step (crossed bootstrap), the claims' numbers; in results.md too
   k_effect.csv       each k minus the smallest, paired by step / conflict / game: per seed and pooled over seeds
-                     (two-level bootstrap: seeds, then items), the table in results.md too
+                     (crossed bootstrap: seeds and items drawn together), the table in results.md too
 Same inputs, same bytes: nothing here depends on time or order on disk.
 
     python report.py --results results/demo
@@ -277,25 +277,48 @@ def md_table(rows, cols):
     return "\n".join(lines)
 
 
-def seeds_then_items(groups, seed, n_boot=2000):
-    """(mean, low, high) of paired differences pooled over seeds: the mean of the per-seed means, and a 95%
-    interval from a two-level bootstrap that resamples the seeds, then the items (steps or games) within each
-    drawn seed, so it holds between-seed variation as well as the items'. groups = {seed: [difference, ...]}.
-    With one seed it is the items' bootstrap alone (no between-seed variation in it: say so)."""
-    arrays = [np.array(groups[k], float) for k in sorted(groups)]
+def seeds_and_items(groups, seed, n_boot=2000):
+    """(mean, low, high) pooled over training seeds: the mean of the seed means, and a 95% interval from a
+    crossed bootstrap that draws the seeds and the items (steps, conflicts or games) together, one item draw
+    shared by every drawn seed, since every seed is measured on the same items. So the interval holds
+    between-seed variation and the items' (drawing the items anew for each seed would shrink the items' part
+    by the number of seeds). groups = {seed: {item: value}}; an item a seed lacks is left out of that seed's
+    mean. With one seed it is the items' bootstrap alone, with no between-seed variation in it: say so."""
+    seeds = sorted(groups, key=str)
+    items = sorted({i for g in groups.values() for i in g}, key=str)
+    x = np.array([[groups[s].get(i, np.nan) for i in items] for s in seeds], float)  # seeds x items
+    seen = ~np.isnan(x)
+    x = np.nan_to_num(x)
     rng = np.random.default_rng(seed)
     boots = np.empty(n_boot)
     for b in range(n_boot):
-        picks = rng.integers(0, len(arrays), len(arrays))
-        boots[b] = np.mean([arrays[i][rng.integers(0, len(arrays[i]), len(arrays[i]))].mean() for i in picks])
-    lo, hi = np.percentile(boots, [2.5, 97.5])
-    return round(float(np.mean([a.mean() for a in arrays])), 4), round(float(lo), 4), round(float(hi), 4)
+        rows, cols = rng.integers(0, len(seeds), len(seeds)), rng.integers(0, len(items), len(items))
+        sums, counts = x[rows][:, cols].sum(1), seen[rows][:, cols].sum(1)
+        boots[b] = np.mean(sums[counts > 0] / counts[counts > 0])
+    lo, hi = np.nanpercentile(boots, [2.5, 97.5])
+    mean = np.mean([x[j][seen[j]].mean() for j in range(len(seeds))])
+    return round(float(mean), 4), round(float(lo), 4), round(float(hi), 4)
+
+
+# Two-sided 95% quantiles of Student's t by degrees of freedom (seeds - 1).
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+
+def seed_t_interval(groups):
+    """'[low, high]': a t interval over the seed means, each seed one observation: between-seed variation
+    alone (the items are the same for every seed), with the width t gives few seeds (t = 4.30 for 3), where
+    the bootstrap draws only 10 distinct sets of 3 seeds. A check beside seeds_and_items; '' with one seed."""
+    means = [float(np.mean(list(groups[k].values()))) for k in groups]
+    if len(means) < 2:
+        return ""
+    half = T975.get(len(means) - 1, 1.96) * float(np.std(means, ddof=1)) / len(means) ** 0.5
+    return f"[{np.mean(means) - half:.2f}, {np.mean(means) + half:.2f}]"
 
 
 def k_effect(recs, metrics, item_of):
     """Rows of the effect of k against the smallest k (k=0.3 minus k=0), at each run's last checkpoint,
     paired by item (the same probed step, conflict or game, item_of(record)) within a seed: per seed (bootstrap
-    over items) and pooled over the seeds both k share (seeds_then_items)."""
+    over items) and pooled over the seeds both k share (seeds_and_items)."""
     last = {}
     for r in recs:
         last[r["run"]] = max(last.get(r["run"], 0), r["step"])
@@ -310,23 +333,23 @@ def k_effect(recs, metrics, item_of):
                 for (kk, seed, sp, item), r in sorted(by.items(), key=lambda kv: str(kv[0])):
                     ref = by.get((ks[0], seed, sp, item))
                     if kk == k and sp == split and ref and r.get(m) is not None and ref.get(m) is not None:
-                        groups.setdefault(seed, []).append(float(r[m]) - float(ref[m]))
+                        groups.setdefault(seed, {})[item] = float(r[m]) - float(ref[m])
                 if not groups:
                     continue
                 row = {"metric": m, "split": split, "k": k, "vs_k": ks[0]}
                 for seed, diffs in sorted(groups.items(), key=lambda kv: str(kv[0])):
-                    mean, lo, hi = steps.mean_ci(diffs, seed=args.seed)
+                    mean, lo, hi = steps.mean_ci(list(diffs.values()), seed=args.seed)
                     rows.append(dict(row, seed=seed, n=len(diffs), diff=mean, diff_lo=lo, diff_hi=hi))
-                mean, lo, hi = seeds_then_items(groups, args.seed)
+                mean, lo, hi = seeds_and_items(groups, args.seed)
                 rows.append(dict(row, seed=f"pooled ({len(groups)})", n=sum(map(len, groups.values())), diff=mean,
-                                 diff_lo=lo, diff_hi=hi))
+                                 diff_lo=lo, diff_hi=hi, diff_t=seed_t_interval(groups)))
     return rows
 
 
 def pooled_over_seeds(recs, metrics, item_of):
     """Rows of each k's measures at its runs' last checkpoints, pooled over training seeds: the level, and the
     change from the base model paired by item (item_of(record): the same probed step or conflict), each the
-    mean of the seed means with seeds_then_items' two-level interval, so every interval holds between-seed
+    mean of the seed means with seeds_and_items' crossed interval, so every interval holds between-seed
     variation. These are the numbers the claims are judged on."""
     last = {}
     for r in recs:
@@ -341,15 +364,17 @@ def pooled_over_seeds(recs, metrics, item_of):
                 for r in final:
                     if r["k"] != k or r["split"] != split or r.get(m) is None:
                         continue
-                    level.setdefault(r["seed"], []).append(float(r[m]))
+                    level.setdefault(r["seed"], {})[item_of(r)] = float(r[m])
                     b = base.get((split, item_of(r)))
                     if b is not None and b.get(m) is not None:
-                        change.setdefault(r["seed"], []).append(float(r[m]) - float(b[m]))
+                        change.setdefault(r["seed"], {})[item_of(r)] = float(r[m]) - float(b[m])
                 if not level:
                     continue
                 row = {"metric": m, "split": split, "k": k, "seeds": len(level), "n": sum(map(len, level.values()))}
-                row["value"], row["value_lo"], row["value_hi"] = seeds_then_items(level, args.seed)
-                row["change"], row["change_lo"], row["change_hi"] = seeds_then_items(change, args.seed) if change else (None,) * 3
+                row["value"], row["value_lo"], row["value_hi"] = seeds_and_items(level, args.seed)
+                row["value_t"] = seed_t_interval(level)
+                row["change"], row["change_lo"], row["change_hi"] = seeds_and_items(change, args.seed) if change else (None,) * 3
+                row["change_t"] = seed_t_interval(change) if change else ""
                 rows.append(row)
     return rows
 
@@ -530,10 +555,11 @@ if effect:
     steps.write_csv_atomic(os.path.join(OUT, "k_effect.csv"), effect)
     md += ["## The k effect, paired (each k minus the smallest, last checkpoints)", "",
            "Differences paired by probed step or conflict (offline) or by game (online) within a seed; per seed a "
-           "bootstrap over those items; pooled: the mean of the seed means with a two-level bootstrap (seeds, then "
-           "items within each), so its interval includes between-seed variation (none with one seed).", "",
+           "bootstrap over those items; pooled: the mean of the seed means with a crossed bootstrap (seeds and "
+           "items drawn together, every seed measured on the same items), so its interval includes between-seed "
+           "variation (none with one seed); beside it, a t interval over the seed means (seeds alone, t's width).", "",
            md_table(effect, [("measure", "metric"), ("split", "split"), ("k", "k"), ("vs k", "vs_k"), ("seed", "seed"),
-                             ("n", "n"), ("difference", "diff")]), ""]
+                             ("n", "n"), ("difference", "diff"), ("t over seed means", "diff_t")]), ""]
 # The claims' numbers: each k's last checkpoints pooled over seeds, and their change from the base model.
 for r in probe:
     if r.get("prompt_correct") is not None and r.get("cot_correct") is not None:
@@ -554,10 +580,12 @@ if pooled:
     steps.write_csv_atomic(os.path.join(OUT, "pooled_over_seeds.csv"), pooled)
     md += ["## Pooled over training seeds (last checkpoints)", "",
            "Each k's runs at their last checkpoint: the mean of the seed means, and its change from the base model "
-           "paired by probed step or conflict; intervals from a two-level bootstrap (seeds, then items within each), "
-           "so they include between-seed variation (none with one seed). won_*: online, paired by game.", "",
+           "paired by probed step or conflict; intervals from a crossed bootstrap (seeds and items drawn together), "
+           "so they include between-seed variation (none with one seed); beside each, a t interval over the seed means "
+           "(seeds alone, t's width). won_*: online, paired by game.", "",
            md_table(pooled, [("measure", "metric"), ("split", "split"), ("k", "k"), ("seeds", "seeds"), ("n", "n"),
-                             ("value", "value"), ("change from base", "change")]), ""]
+                             ("value", "value"), ("t over seed means", "value_t"), ("change from base", "change"),
+                             ("t over seed means", "change_t")]), ""]
 with open(os.path.join(OUT, "results.md"), "w") as f:
     f.write("\n".join(md) + "\n")
 print(f"report done: {len(probe)} probe, {len(conf)} conflict, {len(episodes)} episode records -> {OUT}")

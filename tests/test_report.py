@@ -1,5 +1,6 @@
 """report.py's k effect: k=0.3 minus k=0 paired by step (offline) and by game (online), per seed and pooled
-over seeds with a two-level bootstrap, on synthetic results whose true effects are known."""
+over seeds with a crossed bootstrap (seeds and steps drawn together), on synthetic results whose true effects
+are known."""
 import csv
 import json
 import random
@@ -27,11 +28,14 @@ def test_k_effect_is_paired_and_pooled_over_seeds(tmp_path):
     rng = random.Random(0)
     results = tmp_path / "results"
     # 60 out-of-domain steps: k=0.3 gets +0.2 on CoT accuracy (seed 2: +0.4), prompt accuracy unchanged.
+    # Consistency: k=0.3 is consistent on the same 30 of the 60 steps in every seed, k=0 on none.
+    same = {i: i % 2 == 0 for i in range(60)}
     for seed, gain in ((0, 0.2), (1, 0.2), (2, 0.4)):
         base = {i: rng.random() < 0.3 for i in range(60)}
         for k in (0.0, 0.3):
             recs = [{"id": f"step{i}", "env": "alfworld", "split": "ood_test", "prompt_correct": base[i],
-                     "cot_correct": float(base[i]) + (gain if k else 0.0)} for i in range(60)]
+                     "cot_correct": float(base[i]) + (gain if k else 0.0), "consistent": bool(k and same[i])}
+                    for i in range(60)]
             write_run(results, "probe", k, seed, 10, recs)
             eps = [{"id": f"cot/g{i}", "env": "alfworld", "split": "ood_test", "task_id": f"g{i}", "mode": "cot",
                     "won": bool(i < (10 if k else 5)), "errored": False} for i in range(20)]
@@ -44,6 +48,13 @@ def test_k_effect_is_paired_and_pooled_over_seeds(tmp_path):
     assert round(float(pooled["diff"]), 3) == round((0.2 + 0.2 + 0.4) / 3, 3) and int(pooled["n"]) == 180
     # Between-seed variation is in the pooled interval: it spans the seeds' spread, which no step varies by.
     assert float(pooled["diff_lo"]) <= 0.2 + 1e-9 and float(pooled["diff_hi"]) >= 0.4 - 1e-9
+    # The t interval over the 3 seed means: 0.267 +- 4.303 * 0.115 / sqrt(3).
+    assert pooled["diff_t"] == "[-0.02, 0.55]" and cot["0"]["diff_t"] == ""
+    # The seeds agree step by step, so pooling them adds no information about the steps: the pooled interval is
+    # as wide as one seed's (steps drawn anew for each seed would make it sqrt(3) times narrower).
+    con = {r["seed"]: r for r in rows if r["metric"] == "consistent"}
+    width = {s: float(con[s]["diff_hi"]) - float(con[s]["diff_lo"]) for s in ("0", "pooled (3)")}
+    assert float(con["pooled (3)"]["diff"]) == 0.5 and width["pooled (3)"] > 0.85 * width["0"] > 0.2
     prompt = next(r for r in rows if r["metric"] == "prompt_correct" and r["seed"].startswith("pooled"))
     assert float(prompt["diff"]) == 0.0 and float(prompt["diff_lo"]) == 0.0 == float(prompt["diff_hi"])
     won = next(r for r in rows if r["metric"] == "won (cot mode)" and r["seed"].startswith("pooled"))
@@ -79,6 +90,7 @@ def test_claims_measures_are_pooled_over_seeds_with_their_change_from_base(tmp_p
     assert round(float(cot["value"]), 3) == 0.3 == round(float(cot["change"]), 3)
     # Between-seed variation is in the interval: it spans the seeds' spread, which no step varies by.
     assert float(cot["change_lo"]) <= 0.1 + 1e-9 and float(cot["change_hi"]) >= 0.5 - 1e-9
+    assert cot["change_t"] == "[-0.20, 0.80]"  # 0.3 +- 4.303 * 0.2 / sqrt(3): wider than the bootstrap's
     prompt = rows["prompt_correct"]
     assert float(prompt["change"]) == 0.0 == float(prompt["change_lo"]) == float(prompt["change_hi"])
     mean_base = sum(base.values()) / 50
