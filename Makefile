@@ -2,7 +2,7 @@
 #   make setup   .venv with pinned packages (alfworld builds jericho and fast-downward: ~5 min once)
 #   make data    the default step JSONL for all four environments (data/generated/)
 #   make test    the test suite (tiny random model, real environments; 2 pytest workers; CI runs this)
-#   make demo    the whole study, small, on the embedded SmolLM2-135M (17 min on 2 CPU cores from a fresh clone, measured)
+#   make demo    the whole study, small, on the embedded SmolLM2-135M (16 min on 2 CPU cores from a fresh clone, measured)
 #   make study   the study on ALFWorld, sized for 2 hours on 2 CPU cores (study.sh; resumes after a kill)
 #   make test-slow   end-to-end tests on the real embedded model (minutes)
 #   make bench-deps  TRL, only for bench/train_speed.py
