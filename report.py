@@ -300,6 +300,21 @@ def seeds_and_items(groups, seed, n_boot=2000):
     return round(float(mean), 4), round(float(lo), 4), round(float(hi), 4)
 
 
+def last_steps(recs):
+    """{run: the step of its last checkpoint among recs}."""
+    last = {}
+    for r in recs:
+        last[r["run"]] = max(last.get(r["run"], 0), r["step"])
+    return last
+
+
+def trained_last(recs):
+    """The records of each trained run's (k a number) last checkpoint: what the k effect and the pooled
+    claims compare."""
+    last = last_steps(recs)
+    return [r for r in recs if isinstance(r["k"], float) and r["step"] == last[r["run"]] and r["step"] > 0]
+
+
 # Two-sided 95% quantiles of Student's t by degrees of freedom (seeds - 1).
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 
@@ -319,10 +334,7 @@ def k_effect(recs, metrics, item_of):
     """Rows of the effect of k against the smallest k (k=0.3 minus k=0), at each run's last checkpoint,
     paired by item (the same probed step, conflict or game, item_of(record)) within a seed: per seed (bootstrap
     over items) and pooled over the seeds both k share (seeds_and_items)."""
-    last = {}
-    for r in recs:
-        last[r["run"]] = max(last.get(r["run"], 0), r["step"])
-    final = [r for r in recs if isinstance(r["k"], float) and r["step"] == last[r["run"]] and r["step"] > 0]
+    final = trained_last(recs)
     ks = sorted({r["k"] for r in final})
     by = {(r["k"], r["seed"], r["split"], item_of(r)): r for r in final}
     rows = []
@@ -351,11 +363,8 @@ def pooled_over_seeds(recs, metrics, item_of):
     change from the base model paired by item (item_of(record): the same probed step or conflict), each the
     mean of the seed means with seeds_and_items' crossed interval, so every interval holds between-seed
     variation. These are the numbers the claims are judged on."""
-    last = {}
-    for r in recs:
-        last[r["run"]] = max(last.get(r["run"], 0), r["step"])
     base = {(r["split"], item_of(r)): r for r in recs if r["step"] == 0}
-    final = [r for r in recs if isinstance(r["k"], float) and r["step"] == last[r["run"]] and r["step"] > 0]
+    final = trained_last(recs)
     rows = []
     for k in sorted({r["k"] for r in final}):
         for split in SPLITS:
@@ -418,9 +427,7 @@ if probe:
         ("rank-1 prompt", "rank1_prompt"), ("LL/token prompt", "ll_prompt_mean"), ("LL/token w/ thought", "ll_thought_mean")]), ""]
 
     # Truncation: the last checkpoint of every run, and the base model.
-    last = {}
-    for r in probe:
-        last[r["run"]] = max(last.get(r["run"], 0), r["step"])
+    last = last_steps(probe)
     pts = []
     for r in probe:
         if r["step"] == last[r["run"]] or r["step"] == 0:
@@ -467,15 +474,22 @@ if conf:
                                                     ("follows a2", "follows"), ("anchors a1", "anchors"), ("neither", "neither"),
                                                     ("prefers a2 (LL)", "prefers_a2")]), ""]
 
+# Each game's prompt-mode and CoT-mode outcome, paired: one entry per checkpoint and game.
+online = {}
+for e in episodes:
+    if e["mode"] in ("prompt", "cot"):
+        online.setdefault((e["run"], e["step"], e["split"], e["task_id"]), dict(
+            {k: e[k] for k in ("run", "k", "seed", "step", "split", "task_id")}))[f"won_{e['mode']}"] = float(e["won"])
+for o in online.values():
+    if "won_cot" in o and "won_prompt" in o:
+        o["won_cot_minus_prompt"] = o["won_cot"] - o["won_prompt"]
 if episodes:
     several_seeds = len({r["seed"] for r in episodes if r["k"] is not None}) > 1
     for r in episodes:  # a row per training run: seeds apart when there are several (pooled below)
         r["k_label"] = (r["run"] if r["run"] in ("base", "expert", "random") or r["k"] is None
                         else ("no-CoT" if r["k"] == "no-CoT" else f"k={r['k']}")
                         + (f", seed {r['seed']}" if several_seeds else ""))
-    last = {}
-    for r in episodes:
-        last[r["run"]] = max(last.get(r["run"], -1), r["step"])
+    last = last_steps(episodes)
     final = [r for r in episodes if r["step"] == last[r["run"]] and r["mode"] in ("prompt", "cot", "expert", "random")]
     rows = table(final, ["k_label", "split", "mode"], ["won", "score", "agreement", "invalid_rate"])
     for row in rows:  # success is a proportion: its Wilson interval too, which is not degenerate at 0 or 1
@@ -522,14 +536,10 @@ if episodes:
             ("model", "k_label"), ("split", "split"), ("n tasks", "n"), ("CoT - prompt", "cot_minus_prompt"),
             ("games for +-0.05", "games_for_0.05")]), ""]
     # Across checkpoints (evaluate.py --all-checkpoints): does the CoT advantage stay flat with training?
-    by_ckpt = {}
-    for r in episodes:
-        if r["mode"] in ("prompt", "cot") and r["step"] > 0:
-            by_ckpt.setdefault((r["run"], r["step"], r["split"], r["task_id"]), {})[r["mode"]] = float(r["won"])
-    if len({(run, step) for run, step, _, _ in by_ckpt}) > len({run for run, _, _, _ in by_ckpt}):
-        crows = table([{"run": run, "step": step, "split": split, "cot_minus_prompt": p["cot"] - p["prompt"]}
-                       for (run, step, split, _), p in by_ckpt.items() if len(p) == 2], ["run", "split", "step"],
-                      ["cot_minus_prompt"])
+    by_ckpt = [o for o in online.values() if o["step"] > 0]
+    if len({(o["run"], o["step"]) for o in by_ckpt}) > len({o["run"] for o in by_ckpt}):
+        crows = table([dict(o, cot_minus_prompt=o["won_cot_minus_prompt"]) for o in by_ckpt if "won_cot_minus_prompt" in o],
+                      ["run", "split", "step"], ["cot_minus_prompt"])
         steps.write_csv_atomic(os.path.join(OUT, "cot_minus_prompt_by_step.csv"), crows)
         md += ["### CoT minus prompt success across checkpoints, paired by task", "", md_table(crows, [
             ("run", "run"), ("split", "split"), ("step", "step"), ("n tasks", "n"), ("CoT - prompt", "cot_minus_prompt")]), ""]
@@ -564,14 +574,6 @@ if effect:
 for r in probe:
     if r.get("prompt_correct") is not None and r.get("cot_correct") is not None:
         r["cot_minus_prompt"] = float(r["cot_correct"]) - float(r["prompt_correct"])
-online = {}
-for e in episodes:
-    if e["mode"] in ("prompt", "cot"):
-        online.setdefault((e["run"], e["step"], e["split"], e["task_id"]), dict(
-            {k: e[k] for k in ("run", "k", "seed", "step", "split", "task_id")}))[f"won_{e['mode']}"] = float(e["won"])
-for o in online.values():
-    if "won_cot" in o and "won_prompt" in o:
-        o["won_cot_minus_prompt"] = o["won_cot"] - o["won_prompt"]
 pooled = (pooled_over_seeds(probe, ["prompt_correct", "cot_correct", "cot_minus_prompt", "consistent", "helpful", "harmful",
                                     "ll_prompt_mean", "ll_thought_mean", "ll_own_mean", "grad_prompt", "attn_prompt"], local_id)
           + pooled_over_seeds(conf, ["follows", "anchors"], local_id)

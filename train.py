@@ -176,8 +176,8 @@ def save_checkpoint(model, tok, optimizer, step, epoch, data_hashes):
                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
                os.path.join(tmp, "training_state.pt"))
     import importlib.metadata as md
-    meta = {"args": vars(args), "model_path": model_path, "model_identity": model_identity, "data": data_hashes, "step": step, "epoch": epoch,
-            "seed": args.seed, "device": device, "dtype": str(dtype), "run_identity": run_identity(data_hashes),
+    meta = {"args": vars(args), "model_path": model_path, "model_identity": model_identity, "data": data_hashes,
+            "step": step, "epoch": epoch, "seed": args.seed, "device": device, "dtype": str(dtype), "run_identity": run_identity(data_hashes),
             "versions": {p: md.version(p) for p in ("torch", "transformers", "peft")}}
     steps.write_json_atomic(os.path.join(tmp, "meta.json"), meta)
     steps.umask_mode(tmp)
