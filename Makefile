@@ -4,13 +4,14 @@
 #   make test    the test suite (tiny random model, real environments; 2 pytest workers; CI runs this)
 #   make demo    the whole study, small, on the embedded SmolLM2-135M (16 min on 2 CPU cores from a fresh clone, measured)
 #   make study   the study on ALFWorld, sized for 2 hours on 2 CPU cores (study.sh; resumes after a kill)
+#   make study-real ALFWORLD_DATA=DIR   the study on the real ALFWorld games, training seeds 0 1 2 (about 7 h)
 #   make test-slow   end-to-end tests on the real embedded model (minutes)
 #   make bench-deps  TRL, only for bench/train_speed.py
 #   make gpu-check   the CUDA path end to end on a random-weight Qwen3-style model (bench/gpu_check.py)
 PY := .venv/bin/python
 SEED ?= 0
 
-.PHONY: setup data test test-slow demo study sweep bench-deps gpu-check clean
+.PHONY: setup data test test-slow demo study study-real alfworld-data-given sweep bench-deps gpu-check clean
 
 setup: .venv/.done
 
@@ -35,6 +36,12 @@ demo: setup
 
 study: setup
 	SEED=$(SEED) bash study.sh
+
+study-real: alfworld-data-given setup
+	SEED=$(SEED) ALFWORLD_DATA="$(ALFWORLD_DATA)" bash study.sh
+
+alfworld-data-given:
+	@test -n "$(ALFWORLD_DATA)" || { echo "error: make study-real needs ALFWORLD_DATA=DIR, a folder holding json_2.1.1/train and json_2.1.1/valid_seen" >&2; exit 2; }
 
 sweep: setup
 	bash sweep.sh
