@@ -4,7 +4,7 @@
 #   make test    the test suite (tiny random model, real environments; 2 pytest workers; CI runs this)
 #   make demo    the whole study, small, on the embedded SmolLM2-135M (16 min on 2 CPU cores from a fresh clone, measured)
 #   make study   the study on ALFWorld, sized for 2 hours on 2 CPU cores (study.sh; resumes after a kill)
-#   make study-real ALFWORLD_DATA=DIR   the study on the real ALFWorld games, training seeds 0 1 2 (about 7 h)
+#   make study-real ALFWORLD_DATA=DIR   the study on the real ALFWorld games, training seeds 0 1 2 (about 6.5 h)
 #   make test-slow   end-to-end tests on the real embedded model (minutes)
 #   make bench-deps  TRL, only for bench/train_speed.py
 #   make gpu-check   the CUDA path end to end on a random-weight Qwen3-style model (bench/gpu_check.py)

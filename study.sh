@@ -11,7 +11,7 @@
 #     episodes from the train games, in-domain test from valid_seen's in-domain types, out-of-domain from
 #     the held-out types (valid_seen first); SEEDS="0 1 2" by default. Every run's last checkpoint is
 #     probed; the first seed's runs are also probed at the dense early grid SAVE_STEPS (the generated
-#     study's curves move before step 33 of 130). About 6 h on 2 cores.
+#     study's curves move before step 33 of 130). About 6.5 h on 2 cores (measured).
 # A run is finished before the next one starts, so a study cut short still has whole runs. Every stage
 # resumes: rerunning the same command after a kill continues where it stopped. Each stage's wall time and
 # peak RSS go to $OUT/stages.tsv.
