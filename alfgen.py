@@ -13,7 +13,7 @@ walkthrough) for all six task types, using only what ships inside the alfworld w
 The games play through TextWorld exactly like the real ones (same domain, same grammar, same
 object naming, `Name_bar_N` ids demangled to "name N"). A scene is a set of receptacles, each at
 its own location, with objects inside them; the agent starts at a location of its own.
-Whether a game is solvable is decided by the planner in envs.py (make_data.py drops unsolved ones).
+Whether a game is solvable is decided by the planner in envs/alfworld.py (make_data.py drops unsolved ones).
 """
 import json
 import os

@@ -6,8 +6,8 @@ name the episodes; the environments rebuild them) with the same prompt format as
   cot     the turn is prefilled with the thought tag; the model reasons, then writes the action
 With --log-both (default) every step also records what the other mode would have done in that same
 state, so CoT-vs-prompt agreement is measured on-policy. --policy expert / random give the ceiling and
-the floor. --num-envs environments run in lockstep, each in its own worker process (envs.py --serve);
-each step's prompts go through one batched pass (lm.run_branches: left padding, KV cache). Finished
+the floor. --num-envs environments run in lockstep, each in its own worker process (python -m envs --serve);
+each step's prompts go through one batched pass (decode.run_branches: left padding, KV cache). Finished
 episodes are replaced by new ones. A worker that crashes or hangs (--step-timeout) is restarted and
 the episode retried once, then recorded with its error. An invalid or empty action is sent as is.
 
@@ -78,7 +78,7 @@ parser.add_argument("--max-len", type=int, default=0, help="most tokens of a pro
 # run
 parser.add_argument("--num-envs", type=int, default=8, help="environments stepping in lockstep (worker processes)")
 parser.add_argument("--step-timeout", type=float, default=120.0, help="seconds an env reset/step may take before its worker is restarted")
-parser.add_argument("--worker-cmd", default="", help="environment worker command (default: this python, envs.py --serve)")
+parser.add_argument("--worker-cmd", default="", help="environment worker command (default: this python, python -m envs --serve)")
 parser.add_argument("--seed", type=int, default=0, help="episode sample, random policy, bootstrap")
 parser.add_argument("--out", default="results/eval", help="output folder")
 parser.add_argument("--device", default="auto", help="auto (cuda+bf16 if present, else cpu+fp32), cpu, cuda, cuda:1")
@@ -88,9 +88,14 @@ t0 = time.time()  # "evaluate done: ... s" is the whole run after argument parsi
 
 from tqdm import tqdm  # noqa: E402
 
+import checkpoint_io  # noqa: E402
+import cli  # noqa: E402
+import jsonio  # noqa: E402
+import provenance  # noqa: E402
+import stats  # noqa: E402
 import steps  # noqa: E402
 
-steps.exit_on_signals()
+cli.exit_on_signals()
 HERE = os.path.dirname(os.path.abspath(__file__))
 # context_exceeded: the episode ended because its next prompt no longer fit the context (a loss of its own)
 METRICS = ["won", "score", "steps", "invalid_rate", "agreement", "context_exceeded"]
@@ -136,7 +141,7 @@ def load_tasks():
             path = os.path.join(args.data, f"{env}_{split}.jsonl")
             if not os.path.exists(path):
                 fail(f"{path} not found: make it with make_data.py (or pass --data)")
-            numbered = steps.read_jsonl_lines(path, required=("task_id",))
+            numbered = jsonio.read_jsonl_lines(path, required=("task_id",))
             for lineno, r in numbered:
                 if not isinstance(r["task_id"], str):
                     fail(f"{path}:{lineno}: field 'task_id' must be a string, got {type(r['task_id']).__name__}")
@@ -177,9 +182,9 @@ class Worker:
     """One environment process, spoken to in JSON lines (see envs.serve)."""
 
     def __init__(self, preload):
-        """preload: environment names the worker builds before its first request (envs.py --preload)."""
+        """preload: environment names the worker builds before its first request (python -m envs --preload)."""
         self.proc = None
-        self.cmd = args.worker_cmd.split() if args.worker_cmd else [sys.executable, os.path.join(HERE, "envs.py"), "--serve",
+        self.cmd = args.worker_cmd.split() if args.worker_cmd else [sys.executable, "-m", "envs", "--serve",
                                                                     "--preload", ",".join(sorted(preload))]
         self.start()
 
@@ -261,7 +266,7 @@ class HFPolicy:
 
     def __init__(self, model, tok):
         self.model, self.tok = model, tok
-        self.cache = {}  # episode id -> its last prompt's KV cache (lm.prompt_cache)
+        self.cache = {}  # episode id -> its last prompt's KV cache (decode.prompt_cache)
         self.opening = None  # an episode's first prompt: a new episode takes the system prompt from it
 
     def forget(self, key):
@@ -269,10 +274,10 @@ class HFPolicy:
 
     def act(self, keys_list, messages_list, wants):
         """[{mode: generated text}] per state; None for a state whose prompt no longer fits the context."""
-        import lm
+        import decode
         thought_tag, action_tag = steps.tags()
         prompts = [steps.render_prompt(self.tok, m) for m in messages_list]
-        enc = [lm.encode_parts(self.tok, [p, action_tag, thought_tag]) for p in prompts]
+        enc = [decode.encode_parts(self.tok, [p, action_tag, thought_tag]) for p in prompts]
         fit = fits(self.model, [len(e[0]) for e in enc])
         if not all(fit):
             keep = [i for i, f in enumerate(fit) if f]
@@ -284,17 +289,17 @@ class HFPolicy:
                 branches.append({"row": i, "prefix": enc[i][1], "max_new": args.max_action_tokens, "stop": "line"})
                 keys.append((i, "prompt"))
             if "cot" in want:
-                branches.append({"row": i, "prefix": lm.encode_parts(self.tok, [prompts[i], thought_tag])[1],
+                branches.append({"row": i, "prefix": decode.encode_parts(self.tok, [prompts[i], thought_tag])[1],
                                  "max_new": args.max_thought_tokens, "stop": "action"})
                 keys.append((i, "cot"))
         reuse = [self.cache.get(k, self.opening) for k in keys_list]
-        state = lm.encode_prompts(self.model, [e[0] for e in enc], self.tok.pad_token_id, reuse=reuse)
+        state = decode.encode_prompts(self.model, [e[0] for e in enc], self.tok.pad_token_id, reuse=reuse)
         for r, k in enumerate(keys_list):
             if k not in self.cache and self.opening is None:
-                self.opening = lm.prompt_cache(state, r)
-            self.cache[k] = lm.prompt_cache(state, r)
+                self.opening = decode.prompt_cache(state, r)
+            self.cache[k] = decode.prompt_cache(state, r)
         out = [{} for _ in wants]
-        for (i, mode), res in zip(keys, lm.run_branches(self.model, self.tok, state, branches, args.max_rows)):
+        for (i, mode), res in zip(keys, decode.run_branches(self.model, self.tok, state, branches, args.max_rows)):
             out[i][mode] = res["text"]
         return out
 
@@ -316,13 +321,13 @@ class GeneratePolicy:
         import torch
         from transformers import StoppingCriteria
 
-        import lm
+        import decode
         tok, n = self.tok, len(ids)
 
         class Done(StoppingCriteria):
             def __call__(self, input_ids, scores, **kwargs):
                 new = input_ids[0, n:].tolist()
-                return torch.tensor([bool(new) and lm._finished(tok.decode(new), stop)], device=input_ids.device)
+                return torch.tensor([bool(new) and decode._finished(tok.decode(new), stop)], device=input_ids.device)
 
         x = torch.tensor([ids], device=self.model.device)
         with torch.no_grad():
@@ -334,7 +339,7 @@ class GeneratePolicy:
         return tok.decode(new, skip_special_tokens=True)
 
     def act(self, keys_list, messages_list, wants):
-        import lm
+        import decode
         thought_tag, action_tag = steps.tags()
         out = []
         for key, messages, want in zip(keys_list, messages_list, wants):
@@ -344,10 +349,10 @@ class GeneratePolicy:
                 continue
             res = {}
             if "prompt" in want:
-                res["prompt"] = self._generate(sum(lm.encode_parts(self.tok, [prompt, action_tag]), []),
+                res["prompt"] = self._generate(sum(decode.encode_parts(self.tok, [prompt, action_tag]), []),
                                                args.max_action_tokens, "line")
             if "cot" in want:
-                res["cot"] = self._generate(sum(lm.encode_parts(self.tok, [prompt, thought_tag]), []),
+                res["cot"] = self._generate(sum(decode.encode_parts(self.tok, [prompt, thought_tag]), []),
                                             args.max_thought_tokens, "action")
             out.append(res)
         return out
@@ -385,7 +390,7 @@ def run_checkpoint(ckpt, episodes, policy, workers, fout):
         nonlocal n_done
         if policy is not None:
             policy.forget(slots[s]["id"])
-        steps.append_jsonl(fout, [finish(slots[s])])
+        jsonio.append_jsonl(fout, [finish(slots[s])])
         slots[s] = None
         n_done += 1
         bar.update()
@@ -402,7 +407,7 @@ def run_checkpoint(ckpt, episodes, policy, workers, fout):
         if ep["tries"] < 2:
             queue.insert(0, ep)
         else:
-            steps.append_jsonl(fout, [finish(ep, error=str(err))])
+            jsonio.append_jsonl(fout, [finish(ep, error=str(err))])
             n_done += 1
             bar.update()
         slots[s] = None
@@ -496,7 +501,7 @@ def random_action(ep, rng):
 
 def checkpoint_list():
     """[(name, step, adapter folder or None)]; run folders give their last (or, with --all-checkpoints, every)
-    checkpoint in training order (steps.list_checkpoints), each checked (lm.check_checkpoint) before any is used."""
+    checkpoint in training order (checkpoint_io.list_checkpoints), each checked (lm.check_checkpoint) before any is used."""
     if args.policy != "model":
         return [(args.policy, 0, None)]
     out = [("base", 0, None)] if args.with_base or not args.adapter else []
@@ -504,7 +509,7 @@ def checkpoint_list():
         if not os.path.isdir(item):
             fail(f"adapter folder not found: {item}")
         try:
-            out += steps.checkpoint_series(item, last_only=not args.all_checkpoints)
+            out += checkpoint_io.checkpoint_series(item, last_only=not args.all_checkpoints)
         except ValueError as e:
             fail(str(e))
     return out
@@ -522,7 +527,7 @@ def summarize(records):
     keys = ["checkpoint", "step", "env", "split", "mode"]
     records = latest(records)
     completed = [r for r in records if not r["errored"]]
-    rows = steps.summarize(completed, keys, METRICS, seed=args.seed)
+    rows = stats.summarize(completed, keys, METRICS, seed=args.seed)
     # Paired CoT-minus-prompt difference, task by task, where both modes ran.
     pairs = {}
     for r in completed:
@@ -534,7 +539,7 @@ def summarize(records):
             diffs.append({"checkpoint": ck, "step": st, "env": env, "split": split, "mode": "cot-prompt",
                           "won": float(p["cot"]["won"]) - float(p["prompt"]["won"]),
                           "score": p["cot"]["score"] - p["prompt"]["score"]})
-    rows += steps.summarize(diffs, keys, ["won", "score"], seed=args.seed)
+    rows += stats.summarize(diffs, keys, ["won", "score"], seed=args.seed)
     errors = collections.Counter(tuple(r[k] for k in keys) for r in records if r["errored"])
     have = {tuple(row[k] for k in keys) for row in rows}
     rows += [dict(zip(keys, key), n=0) for key in errors if key not in have]
@@ -550,11 +555,11 @@ for name, low in (("num_envs", 1), ("max_rows", 1), ("max_action_tokens", 1), ("
                   ("max_episodes", 0), ("max_steps", 0), ("history", 0), ("threads", 0)):
     if getattr(args, name) < low:
         fail(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(args, name)}")
-steps.check_numbers(args, {"max_steps_factor": (0, None), "step_timeout": (("<", 0), None)}, fail)
+cli.check_numbers(args, {"max_steps_factor": (0, None), "step_timeout": (("<", 0), None)}, fail)
 ckpts = checkpoint_list()
 try:
     tasks = load_tasks()
-except steps.DataError as e:
+except jsonio.DataError as e:
     fail(str(e))
 if not tasks:
     fail(f"no test episodes for --env {args.env} --split {args.split} in {args.data}")
@@ -581,25 +586,25 @@ if args.policy == "model":
         fail(f"cannot load model {args.model!r}: {e}")
 out_path = os.path.join(args.out, "episodes.jsonl")
 if rank == 0:  # one writer and one configuration per output folder, checked before anything there is read or written
-    steps.claim_output(args.out, fail)
-    made_from = steps.check_made_from(
+    provenance.claim_output(args.out, fail)
+    made_from = provenance.check_made_from(
         os.path.join(args.out, "meta.json"),
         {"settings": {name: getattr(args, name) for name in RESULT_FLAGS if name != "dtype"} | {"dtype": str(dtype)},
-         "inputs": {**{f: steps.file_digest(f) for f in TEST_FILES},
-                    **({"model": steps.model_identity(model_path)} if model_path else {})},
-         "checkpoints": {name: steps.folder_digest(c) if c else name for name, _, c in ckpts}},
-        [out_path, *steps.parts_of(out_path)], fail)
+         "inputs": {**{f: provenance.file_digest(f) for f in TEST_FILES},
+                    **({"model": provenance.model_identity(model_path)} if model_path else {})},
+         "checkpoints": {name: provenance.folder_digest(c) if c else name for name, _, c in ckpts}},
+        [out_path, *jsonio.parts_of(out_path)], fail)
     try:
-        steps.read_done_all(out_path)  # a damaged line stops the run here, before anything is rewritten
-    except steps.DataError as e:
+        jsonio.read_done_all(out_path)  # a damaged line stops the run here, before anything is rewritten
+    except jsonio.DataError as e:
         fail(str(e))
     meta_path = os.path.join(args.out, "meta.json")
-    steps.write_json_atomic(meta_path, {"args": vars(args), "model_path": model_path, "episodes": len(tasks),
-                                        "checkpoints": steps.merged_checkpoints(meta_path, ckpts), "made_from": made_from,
+    jsonio.write_json_atomic(meta_path, {"args": vars(args), "model_path": model_path, "episodes": len(tasks),
+                                        "checkpoints": provenance.merged_checkpoints(meta_path, ckpts), "made_from": made_from,
                                         "processes": world})
 if world > 1:
     lm.barrier(world)
-done = {r["id"] for r in latest(steps.read_done_all(out_path)) if not r["errored"]}  # errored episodes run again
+done = {r["id"] for r in latest(jsonio.read_done_all(out_path)) if not r["errored"]}  # errored episodes run again
 todos = [[ep for mode in modes for t in tasks for ep in [new_episode(t, mode, ckpt)] if ep["id"] not in done][rank::world]
          for ckpt in ckpts]
 # The workers start first: they import and build their environments while this process loads the model.
@@ -611,7 +616,7 @@ try:
     if rank == 0:
         print(f"evaluate: {len(ckpts)} checkpoint(s) x {len(tasks)} episodes x modes {','.join(modes)}, "
               f"{args.num_envs} envs per process, {len(done)} episodes already in {out_path}")
-    with open(steps.part_path(out_path, rank, world), "a") as fout:
+    with open(jsonio.part_path(out_path, rank, world), "a") as fout:
         for ckpt, todo in zip(ckpts, todos):
             if not todo:
                 continue
@@ -636,11 +641,11 @@ if rank > 0:
 # after its errored record).
 order = {f"{name}/{mode}/{t['id']}": (i, j, k) for i, (name, _, _) in enumerate(ckpts) for j, mode in enumerate(modes)
          for k, t in enumerate(tasks)}
-records = steps.merge_parts(out_path, lambda r: order.get(r["id"], (-1, 0, 0)))
+records = jsonio.merge_parts(out_path, lambda r: order.get(r["id"], (-1, 0, 0)))
 records = [r for r in records if r["checkpoint"] in {c[0] for c in ckpts}]
 rows = summarize(records)
-steps.write_jsonl_atomic(os.path.join(args.out, "summary.jsonl"), rows)
-steps.write_csv_atomic(os.path.join(args.out, "summary.csv"), rows)
+jsonio.write_jsonl_atomic(os.path.join(args.out, "summary.jsonl"), rows)
+jsonio.write_csv_atomic(os.path.join(args.out, "summary.csv"), rows)
 for r in rows:
     won = f"won {r['won']:+.3f} [{r['won_lo']:+.3f}, {r['won_hi']:+.3f}] score {r['score']:.3f}" if r["n"] else "no completed episode"
     print(f"{r['checkpoint']:>32} {r['env']:>12} {r['split']:>8} {r['mode']:>10} n={r['n']:3d} {won}"

@@ -49,9 +49,12 @@ parser.add_argument("--seed", type=int, default=0, help="seeds the step sample, 
 parser.add_argument("--out", default="data/generated/conflicts.jsonl", help="output JSONL")
 args = parser.parse_args()
 
+import cli  # noqa: E402
+import jsonio  # noqa: E402
+import provenance  # noqa: E402
 import steps  # noqa: E402
 
-steps.exit_on_signals()
+cli.exit_on_signals()
 
 # Verb phrases that take more than one word; any other action's verb is its first word.
 VERBS = ("open door to", "go to", "teleport to", "pick up", "put down", "focus on", "look at", "look around")
@@ -114,7 +117,7 @@ methods = args.methods.split(",")
 for m in methods:
     if m not in ("borrow", "template"):
         fail(f"--methods: unknown method {m!r}, expected borrow and/or template")
-steps.check_numbers(args, {"keep_frac": (("<", 0), 1), "max_per_split": (0, None)}, fail)
+cli.check_numbers(args, {"keep_frac": (("<", 0), 1), "max_per_split": (0, None)}, fail)
 data_files, pool_files = expand(args.data), expand(args.pool)
 try:
     records = steps.read_steps_files(data_files)
@@ -122,16 +125,16 @@ try:
     for path in sorted(set(pool_files) | set(data_files)):
         for lineno, r in steps.read_steps(path, with_lines=True):
             if not isinstance(r.get("task_id"), str):  # borrowing never takes a thought from the step's own episode
-                raise steps.DataError(f"{path}:{lineno}: field 'task_id' missing or not a string (id={r['id']!r})")
+                raise jsonio.DataError(f"{path}:{lineno}: field 'task_id' missing or not a string (id={r['id']!r})")
             pool[r["id"]] = r
-except steps.DataError as e:
+except jsonio.DataError as e:
     fail(str(e))
 if not records:
     fail(f"no step records in {', '.join(data_files)}")
-steps.claim_output(args.out, fail, is_file=True)
-made_from = steps.check_made_from(
+provenance.claim_output(args.out, fail, is_file=True)
+made_from = provenance.check_made_from(
     args.out + ".meta.json", {"settings": {name: getattr(args, name) for name in RESULT_FLAGS},
-                              "inputs": {f: steps.file_digest(f) for f in sorted(set(data_files) | set(pool_files))},
+                              "inputs": {f: provenance.file_digest(f) for f in sorted(set(data_files) | set(pool_files))},
                               "checkpoints": {}}, [args.out], fail)
 
 # Borrowable thoughts by (env, action kind), in a fixed order.
@@ -185,8 +188,8 @@ for recs in steps.sample_per_split(records, args.max_per_split, args.seed).value
                 source = f"template:{key_t}"
             out.append({"id": f"{rec['id']}/conflict/{method}", **base, "trace": keep(trace), "method": method, "source": source})
 
-steps.write_jsonl_atomic(args.out, out)
-steps.write_json_atomic(args.out + ".meta.json", {"args": vars(args), "data": data_files, "pool": pool_files,
+jsonio.write_jsonl_atomic(args.out, out)
+jsonio.write_json_atomic(args.out + ".meta.json", {"args": vars(args), "data": data_files, "pool": pool_files,
                                                   "records": len(out), "skipped": skipped, "made_from": made_from})
 by_method = {m: sum(r["method"] == m for r in out) for m in methods}
 print(f"conflicts done: {len(out)} records ({', '.join(f'{m} {n}' for m, n in by_method.items())}), "

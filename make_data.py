@@ -1,6 +1,6 @@
 """make_data.py: expert trajectories -> one JSONL record per agent step, in train / id_test / ood_test.
 
-Runs the expert of each environment (envs.py) on its tasks and writes, per env and split,
+Runs the expert of each environment (envs/) on its tasks and writes, per env and split,
 <out>/<env>_<split>.jsonl with one record per expert step, plus <out>/meta.json (arguments,
 counts, seconds, versions). The same --seed writes byte-identical files.
 
@@ -43,7 +43,6 @@ the rest); the output is <out>/alfworld_<split>.jsonl + meta.json, ready for tra
 """
 import argparse
 import ast
-import collections
 import contextlib
 import json
 import multiprocessing
@@ -56,10 +55,14 @@ import time
 
 from tqdm import tqdm
 
+import cli
 import envs
+import eto
+import jsonio
+import provenance
 import steps
 
-steps.exit_on_signals()
+cli.exit_on_signals()
 
 parser = argparse.ArgumentParser(
     description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -105,7 +108,6 @@ parser.add_argument("--import-split", default="train", help="split recorded on i
 args = parser.parse_args()
 
 THOUGHTS = steps.load_template("thoughts.json")
-ETO_SCIWORLD = steps.load_template("eto_sciworld_tasks.json")["tasks"]  # ETO's task numbers -> ScienceWorld names
 
 
 def article(word):
@@ -130,7 +132,7 @@ def alfworld_goal(task):
         m = re.match(pattern, task.strip().rstrip("."))
         if m:
             return kind, m.group("obj"), m.group("recep")
-    raise steps.DataError(f"ALFWorld goal not understood: {task!r}")
+    raise jsonio.DataError(f"ALFWorld goal not understood: {task!r}")
 
 
 def room_receptacles(first_obs):
@@ -601,225 +603,6 @@ def build_env(name, rng, meta):
     return by_split
 
 
-# ----------------------------------------------------------------------------- ETO / AgentGym import
-
-SPEAKERS = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt"}
-
-
-def conversation_turns(item, loc):
-    """[(speaker, text)] of one item, speaker human | gpt: {"conversations": [{"from": "human"|"gpt", "value"}]}
-    (ETO, AgentGym) or the OpenAI-messages shape some copies ship ({"messages"} or {"conversations"} of
-    {"role": "user"|"assistant", "content"}); a leading system turn is joined to the first human turn."""
-    conv = item.get("conversations", item.get("messages")) if isinstance(item, dict) else None
-    if not isinstance(conv, list) or not conv:
-        raise steps.DataError(f"{loc}: missing field 'conversations' (a list of {{from, value}} or {{role, content}} turns)")
-    turns, system = [], ""
-    for j, turn in enumerate(conv):
-        who = turn.get("from", turn.get("role")) if isinstance(turn, dict) else None
-        text = turn.get("value", turn.get("content")) if isinstance(turn, dict) else None
-        if j == 0 and who == "system" and isinstance(text, str):
-            system = text + "\n\n"
-            continue
-        if who not in SPEAKERS or not isinstance(text, str):
-            raise steps.DataError(f"{loc}: conversations[{j}] needs 'from' (human|gpt) and a string 'value' "
-                                  f"(or 'role' user|assistant and a string 'content')")
-        turns.append((SPEAKERS[who], text))
-    for j, (who, _) in enumerate(turns):
-        if who != ("human" if j % 2 == 0 else "gpt"):  # otherwise observations and replies misalign
-            at = j + bool(system)
-            raise steps.DataError(f"{loc}: conversations[{at}] is a {who} turn; turns must alternate "
-                                  f"human, gpt, human, ... starting with human")
-    if system and turns:
-        turns[0] = ("human", system + turns[0][1])
-    return turns
-
-
-def read_items(path):
-    """[(where, item)] of a JSON list (or object) or a JSONL file."""
-    if not os.path.isfile(path):
-        raise steps.DataError(f"--import-eto: {path}: " + ("a folder, not a file" if os.path.isdir(path) else "no such file"))
-    with open(path, "rb") as f:
-        data = f.read()
-    try:
-        items = json.loads(data)
-        items = items if isinstance(items, list) else [items]
-        return [(f"{path}: item {i + 1}", item) for i, item in enumerate(items)]
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        pass
-    out = []
-    for lineno, raw in enumerate(data.split(b"\n"), 1):
-        line = steps.decode_line(raw, path, lineno)
-        if line.strip():
-            try:
-                out.append((f"{path}:{lineno}", json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise steps.DataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-    return out
-
-
-def episode_turns(turns, loc):
-    """(observations, [(thought, action)]) of one conversation: the first human turn carries the instruction
-    and the task (ETO's bare 'OK' reply and the turn after it are joined to it)."""
-    humans = [text for who, text in turns if who == "human"]
-    gpts = [text for who, text in turns if who == "gpt"]
-    if gpts and steps.parse_response(gpts[0])[1] is None:
-        gpts = gpts[1:]
-        humans = [humans[0] + "\n\n" + humans[1]] + humans[2:] if len(humans) > 1 else humans
-    replies = []
-    for t, reply in enumerate(gpts):
-        thought, action = steps.parse_response(reply)
-        if action is None or not thought:
-            raise steps.DataError(f"{loc}: gpt turn {t + 1} has no 'Thought:' and 'Action:' lines")
-        replies.append((thought, action))
-    return humans, replies
-
-
-def game_of(item, loc, games_root):
-    """The real game an ALFWorld item names in 'game_file' (e.g. data/json_2.1.1/train/<task>/<trial>/game.tw-pddl),
-    as a task of games_root (which holds json_2.1.1/), or None when that game is not there."""
-    game_file = item.get("game_file")
-    if not isinstance(game_file, str) or "json_2.1.1/" not in game_file:
-        raise steps.DataError(f"{loc}: field 'game_file' must name a game under json_2.1.1/, got {game_file!r}")
-    rel = game_file[game_file.index("json_2.1.1/") + len("json_2.1.1/"):].rstrip("/")
-    rel = rel if rel.endswith("game.tw-pddl") else rel + "/game.tw-pddl"
-    root = os.path.join(games_root, "json_2.1.1") if os.path.isdir(os.path.join(games_root, "json_2.1.1")) else games_root
-    if not os.path.isfile(os.path.join(root, rel)):
-        return None
-    return envs.alfworld_task(root, rel)
-
-
-def sciworld_task_of(item, loc, known):
-    """The ScienceWorld task and variation an ETO item's id names ('<n>_<variation>', n as in ETO's task
-    table: data/templates/eto_sciworld_tasks.json), with its split here (known: envs.sciworld_tasks by id);
-    None when the id names none, or a variation in no split here (ScienceWorld's dev variations)."""
-    m = re.fullmatch(r"(\d+)_(\d+)", str(item.get("id", "")))
-    name = ETO_SCIWORLD.get(m.group(1)) if m else None
-    if name is None:
-        return None
-    return known.get(f"scienceworld/{name}/{int(m.group(2))}")
-
-
-def clean_observation(text):
-    return envs.alfworld_v4_observation(text.strip().removeprefix("Observation:").strip())
-
-
-def replay(env, task, replies, recorded, rng):
-    """Replay one trajectory in its game: (records, observation mismatches), or (reason, None) when it does not
-    replay cleanly: an action the game does not admit at that state (ALFWorld: in either wording; ScienceWorld:
-    one it answers as unknown), or no win at the end. The records' prompts hold the game's own observations
-    (what a rollout shows), their actions the installed wording, their candidates the game's valid actions at
-    that state (ALFWorld: all; ScienceWorld: --max-candidates of them with the reference, as the experts' data)."""
-    if not replies:
-        return "no win", None
-    obs, info = env.reset(task)
-    goal, observations, actions, records, mismatches = info["task"], [obs], [], [], 0
-    for t, (thought, action) in enumerate(replies):
-        valid = env.valid_actions()
-        if task["env"] == "alfworld":
-            action = envs.alfworld_v4(action)
-            if action not in valid:
-                return "diverged", None
-            cands = sorted(valid)
-        else:
-            others = sorted(set(valid) - {action})
-            cands = sorted(rng.sample(others, min(len(others), args.max_candidates - 1)) + [action])
-        records.append({"id": f"{task['id']}/step{t:03d}", "env": task["env"], "task_type": task["task_type"],
-                        "split": task["split"], "task_id": task["id"], "step": t,
-                        "messages": steps.build_messages(task["env"], goal, observations, actions, args.history),
-                        "thought": thought, "action": action, "candidates": cands, "task": goal, "thought_kind": "imported"})
-        obs, _, done, step_info = env.step(action)
-        if obs.startswith(envs.INVALID_FEEDBACK.get(task["env"], ())):
-            return "diverged", None
-        observations.append(obs)
-        actions.append(action)
-        if t + 1 < len(recorded) and clean_observation(recorded[t + 1]) != clean_observation(obs):
-            mismatches += 1
-        if done:
-            break
-    if not step_info["won"] or len(records) < len(replies):
-        return "no win", None
-    return records, mismatches
-
-
-def import_conversations(path):
-    """ETO/AgentGym SFT files -> step records: {split: records} and a summary for meta.json.
-
-    ALFWorld with --alfworld-data: each item's game_file is found among the real games and the trajectory is
-    replayed in it (replay); only whole trajectories that replay cleanly are kept, split by the game's task
-    type and folder (held-out types are out-of-domain), and the summary counts what was dropped and why.
-    ScienceWorld (always installed): the same, the task and variation read off ETO's '<n>_<variation>' id.
-    Otherwise the conversations are converted as they are (no candidates, task type from the id's prefix,
-    --import-split), and the summary says what is missing."""
-    if args.import_env not in steps.ENVS:
-        raise steps.DataError(f"--import-env: unknown environment {args.import_env!r}; expected one of {', '.join(steps.ENVS)}")
-    items, seen, games_seen = read_items(path), {}, set()
-    with_games = args.alfworld_data and args.import_env == "alfworld" or args.import_env == "scienceworld"
-    by_split = {s: [] for s in steps.SPLITS}
-    counts = collections.Counter()
-    env = envs.make_env(args.import_env) if with_games else None
-    # ScienceWorld: a held-out task's every variation is out-of-domain, as ALFWorld's held-out types are
-    known = {t["id"]: t for t in envs.sciworld_tasks(env, every_ood_variation=True)} if args.import_env == "scienceworld" else {}
-    try:
-        for loc, item in tqdm(items, desc="import", unit="traj", disable=not with_games):
-            turns = conversation_turns(item, loc)
-            episode = str(item.get("id", loc))
-            if episode in seen:
-                raise steps.DataError(f"{loc}: field 'id': duplicate {episode!r} (first at {seen[episode]})")
-            seen[episode] = loc
-            humans, replies = episode_turns(turns, loc)
-            counts["trajectories"] += 1
-            if not with_games:
-                by_split[args.import_split] += conversation_records(episode, item, humans, replies)
-                continue
-            task = game_of(item, loc, args.alfworld_data) if args.import_env == "alfworld" else sciworld_task_of(item, loc, known)
-            if task is None:
-                counts["game not found" if args.import_env == "alfworld" else "task or variation not found"] += 1
-                continue
-            if task["id"] in games_seen:  # a game is one episode: its first trajectory that replays is kept
-                counts["same game again"] += 1
-                continue
-            records, mismatches = replay(env, task, replies, humans, random.Random(f"{args.seed}/{task['id']}"))
-            if mismatches is None:
-                counts[records] += 1
-                continue
-            games_seen.add(task["id"])
-            counts["replayed to a win"] += 1
-            counts["observations differing from the game's"] += mismatches
-            by_split[task["split"]] += records
-    finally:
-        if env is not None:
-            env.close()
-    n = sum(map(len, by_split.values()))
-    if not n:
-        raise steps.DataError(f"{path}: nothing to import (" + (", ".join(f"{k}: {v}" for k, v in counts.items()) if with_games
-                              else "no gpt turn with 'Thought:' and 'Action:' lines") + ")")
-    summary = dict(counts, steps=n, kept=counts["replayed to a win"] if with_games else counts["trajectories"],
-                   replayed_in_games=bool(with_games))
-    if not with_games:
-        summary["missing"] = ("candidates (no game to ask), task types and splits from the games, replay checks: "
-                              "pass --alfworld-data DIR" if args.import_env == "alfworld" else "candidates (no environment asked)")
-    return by_split, summary
-
-
-def conversation_records(episode, item, humans, replies):
-    """Records of one conversation as it is, without its environment: the human turns are the observations."""
-    observations, actions, records = [humans[0]], [], []
-    for t, (thought, action) in enumerate(replies):
-        messages = steps.build_messages(args.import_env, "", observations, actions, args.history)
-        messages[1]["content"] = messages[1]["content"].removeprefix("Task: \n")
-        records.append({"id": f"import/{episode}/step{t:03d}", "env": args.import_env,
-                        "task_type": str(item.get("task_type", episode.split("_")[0])),
-                        "split": args.import_split, "task_id": f"import/{episode}", "step": t,
-                        "messages": messages, "thought": thought, "action": action, "candidates": None,
-                        "task": "", "thought_kind": "imported"})
-        actions.append(action)
-        if t + 1 < len(humans):
-            observations.append(humans[t + 1])
-        else:
-            break
-    return records
-
-
 def fail(msg):
     sys.exit(f"error: {msg}")
 
@@ -845,24 +628,25 @@ def main():
     if args.import_eto:
         if args.import_split not in steps.SPLITS:
             sys.exit(f"error: --import-split {args.import_split!r} is not one of {', '.join(steps.SPLITS)}")
-        by_split, summary = import_conversations(args.import_eto)
-        inputs = {args.import_eto: steps.file_digest(args.import_eto)}
-        steps.claim_output(args.out, fail)
+        by_split, summary = eto.import_conversations(args.import_eto, args.import_env, args.import_split, args.history,
+                                                     args.max_candidates, args.seed, args.alfworld_data)
+        inputs = {args.import_eto: provenance.file_digest(args.import_eto)}
+        provenance.claim_output(args.out, fail)
         if summary["replayed_in_games"]:  # the same layout as the experts' data: <env>_<split>.jsonl + meta.json
-            meta["made_from"] = steps.check_made_from(os.path.join(args.out, "meta.json"),
+            meta["made_from"] = provenance.check_made_from(os.path.join(args.out, "meta.json"),
                                                       {"settings": settings, "inputs": inputs, "checkpoints": {}},
                                                       [os.path.join(args.out, "meta.json")], fail)
             for split, records in by_split.items():
-                steps.write_jsonl_atomic(os.path.join(args.out, f"{args.import_env}_{split}.jsonl"), records)
-            steps.write_json_atomic(os.path.join(args.out, "meta.json"), dict(meta, imported=summary))
+                jsonio.write_jsonl_atomic(os.path.join(args.out, f"{args.import_env}_{split}.jsonl"), records)
+            jsonio.write_json_atomic(os.path.join(args.out, "meta.json"), dict(meta, imported=summary))
             where = f"{args.out}/{args.import_env}_{{{','.join(s for s in steps.SPLITS if by_split[s])}}}.jsonl"
         else:
             name = os.path.splitext(os.path.basename(args.import_eto))[0]
             where = out = os.path.join(args.out, f"import_{name}_{args.import_split}.jsonl")
-            made_from = steps.check_made_from(out + ".meta.json", {"settings": settings, "inputs": inputs, "checkpoints": {}},
+            made_from = provenance.check_made_from(out + ".meta.json", {"settings": settings, "inputs": inputs, "checkpoints": {}},
                                               [out], fail)
-            steps.write_jsonl_atomic(out, by_split[args.import_split])
-            steps.write_json_atomic(out + ".meta.json", {"args": vars(args), "imported": summary, "made_from": made_from})
+            jsonio.write_jsonl_atomic(out, by_split[args.import_split])
+            jsonio.write_json_atomic(out + ".meta.json", {"args": vars(args), "imported": summary, "made_from": made_from})
         print(f"imported {summary['kept']} of {summary['trajectories']} trajectories, {summary['steps']} steps -> {where}"
               + "".join(f"; {k}: {v}" for k, v in summary.items() if k not in ("kept", "trajectories", "steps",
                                                                                "replayed_in_games")))
@@ -871,29 +655,29 @@ def main():
     for name in names:
         if name not in steps.ENVS:
             sys.exit(f"error: unknown environment {name!r} in --env; expected {', '.join(steps.ENVS)} or all")
-    steps.claim_output(args.out, fail)
-    meta["made_from"] = steps.check_made_from(os.path.join(args.out, "meta.json"),
+    provenance.claim_output(args.out, fail)
+    meta["made_from"] = provenance.check_made_from(os.path.join(args.out, "meta.json"),
                                               {"settings": settings, "inputs": {}, "checkpoints": {}},
                                               [os.path.join(args.out, "meta.json")], fail)
     t0 = time.time()
     for name in names:
         by_split = build_env(name, random.Random(f"{args.seed}/{name}"), meta)
         for split, records in by_split.items():
-            steps.write_jsonl_atomic(os.path.join(args.out, f"{name}_{split}.jsonl"), records)
+            jsonio.write_jsonl_atomic(os.path.join(args.out, f"{name}_{split}.jsonl"), records)
         print(f"{name}: " + ", ".join(f"{s} {meta[name]['episodes'][s]} episodes / {meta[name]['steps'][s]} steps"
                                        for s in steps.SPLITS) + f" ({meta[name]['expert_steps_per_second']} expert steps/s)")
     meta["seconds"] = round(time.time() - t0, 1)
     # Timings vary run to run; keep them out of the byte-identical data, in their own file.
     timing_keys = [k for k in meta if k.endswith("_seconds") or k == "seconds"]
-    steps.write_json_atomic(os.path.join(args.out, "timing.json"),
+    jsonio.write_json_atomic(os.path.join(args.out, "timing.json"),
                             {**{k: meta.pop(k) for k in timing_keys},
                              **{n: {k: meta[n].pop(k) for k in ("expert_seconds", "expert_steps_per_second")} for n in names}})
-    steps.write_json_atomic(os.path.join(args.out, "meta.json"), meta)
+    jsonio.write_json_atomic(os.path.join(args.out, "meta.json"), meta)
     print(f"make_data done: {', '.join(names)} -> {args.out} in {time.time() - t0:.0f}s")
 
 
 if __name__ == "__main__":
     try:
         main()
-    except (steps.DataError, envs.EnvError) as e:
+    except (jsonio.DataError, envs.EnvError) as e:
         sys.exit(f"error: {e}")

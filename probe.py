@@ -19,7 +19,7 @@ argues for a2 + action tag; does the model follow the trace (a2), anchor on the 
 With --conflicts FILE --conflicts-out DIR it runs both in one pass: a conflict made from a probed step
 branches from that step's prompt pass, so its prompt is not run twice.
 
-The prompt is run once per record; every quantity above is a branch from its KV cache (lm.py).
+The prompt is run once per record; every quantity above is a branch from its KV cache (decode.py).
 
 Writes to --out: records.jsonl (one line per checkpoint x record, appended and flushed; a rerun
 skips ids already there), summary.jsonl and summary.csv (one row per checkpoint x env x split,
@@ -94,10 +94,16 @@ args = parser.parse_args()
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+import checkpoint_io  # noqa: E402
+import cli  # noqa: E402
+import decode  # noqa: E402
+import jsonio  # noqa: E402
 import lm  # noqa: E402
+import provenance  # noqa: E402
+import stats  # noqa: E402
 import steps  # noqa: E402
 
-steps.exit_on_signals()
+cli.exit_on_signals()
 
 PROBE_METRICS = ["prompt_correct", "cot_correct", "consistent", "cot_tag_missing", "helpful", "harmful", "neutral",
                  "ll_prompt_sum", "ll_prompt_mean", "ll_thought_sum", "ll_thought_mean", "ll_own_sum", "ll_own_mean",
@@ -111,12 +117,12 @@ def fail(msg):
 
 
 def checkpoint_list():
-    """[(name, step, checkpoint folder or None)] in training order (steps.list_checkpoints); every checkpoint
+    """[(name, step, checkpoint folder or None)] in training order (checkpoint_io.list_checkpoints); every checkpoint
     is checked (lm.check_checkpoint) before the first model state is probed."""
     out = [] if args.no_base else [("base", 0, None)]
     for item in args.checkpoints:
         try:
-            out += steps.checkpoint_series(item)
+            out += checkpoint_io.checkpoint_series(item)
         except ValueError as e:
             fail(str(e))
     if not out:
@@ -128,15 +134,15 @@ def load_records(kind):
     """(records, files, ids sampled for attribution) of kind 'steps' (--data) or 'conflicts' (--conflicts)."""
     if kind == "conflicts":
         files = [args.conflicts]
-        numbered = steps.read_jsonl_lines(args.conflicts, required=("id", "step_id", "env", "split", "messages", "a1", "a2",
+        numbered = jsonio.read_jsonl_lines(args.conflicts, required=("id", "step_id", "env", "split", "messages", "a1", "a2",
                                                                      "trace", "method"))
         for lineno, rec in numbered:
             where = f"{args.conflicts}:{lineno}"
             for field in ("id", "env", "split", "a1", "a2", "trace", "method"):
                 if not isinstance(rec[field], str) or not rec[field].strip():
-                    raise steps.DataError(f"{where}: field '{field}' must be a non-empty string, got {rec[field]!r}")
+                    raise jsonio.DataError(f"{where}: field '{field}' must be a non-empty string, got {rec[field]!r}")
             steps.check_messages(rec["messages"], where)
-        steps.check_unique_ids(numbered, args.conflicts)
+        jsonio.check_unique_ids(numbered, args.conflicts)
         records = [rec for _, rec in numbered]
     else:
         files = sorted({f for pattern in args.data for f in (sorted(glob.glob(pattern)) or [pattern])})
@@ -182,21 +188,21 @@ def probe_batch(model, tok, recs):
     thought_tag, action_tag = steps.tags()
     fracs = [float(x) for x in args.trunc_fracs.split(",")]
     prompts = [steps.render_prompt(tok, r["messages"]) for r in recs]
-    enc = [lm.encode_parts(tok, [p, action_tag]) for p in prompts]
-    ref_prefix = [lm.encode_parts(tok, [p, thought_prefix(r["thought"])])[1] for p, r in zip(prompts, recs)]
-    lm.check_fits(model, [f"record {r['id']}" for r in recs],
+    enc = [decode.encode_parts(tok, [p, action_tag]) for p in prompts]
+    ref_prefix = [decode.encode_parts(tok, [p, thought_prefix(r["thought"])])[1] for p, r in zip(prompts, recs)]
+    decode.check_fits(model, [f"record {r['id']}" for r in recs],
                   [len(e[0]) + max(len(t), args.max_thought_tokens) for e, t in zip(enc, ref_prefix)],
                   args.max_action_tokens, args.max_len)
-    state = lm.encode_prompts(model, [e[0] for e in enc], tok.pad_token_id)
+    state = decode.encode_prompts(model, [e[0] for e in enc], tok.pad_token_id)
     # Everything asked after the reference thought (its log-likelihood, every candidate, the greedy
     # action) branches from a second state: prompt + thought, computed once from the prompt's cache.
-    state_t = lm.encode_prompts(model, [e[0] + t[:-1] for e, t in zip(enc, ref_prefix)], tok.pad_token_id,
-                                reuse=[lm.prompt_cache(state, i) for i in range(len(recs))])
+    state_t = decode.encode_prompts(model, [e[0] + t[:-1] for e, t in zip(enc, ref_prefix)], tok.pad_token_id,
+                                reuse=[decode.prompt_cache(state, i) for i in range(len(recs))])
     branches = {"prompt": [], "thought": []}
     plan = {"prompt": [], "thought": []}
 
     def add(rec_i, key, prefix_text, target=None, max_new=None, stop=None, ctx="prompt"):
-        head, prefix, tgt = lm.encode_parts(tok, [prompts[rec_i], prefix_text, "" if target is None else " " + target])
+        head, prefix, tgt = decode.encode_parts(tok, [prompts[rec_i], prefix_text, "" if target is None else " " + target])
         if head != enc[rec_i][0]:
             raise ValueError(f"{recs[rec_i]['id']}: the tokenizer merges the prompt's last token with the response")
         if ctx == "thought":
@@ -230,7 +236,7 @@ def probe_batch(model, tok, recs):
                 add(i, ("cand_thought", c), ref_thought, c, ctx="thought")
     got = {}
     for ctx, st in (("prompt", state), ("thought", state_t)):
-        for (i, key), res in zip(plan[ctx], lm.run_branches(model, tok, st, branches[ctx], args.max_rows)):
+        for (i, key), res in zip(plan[ctx], decode.run_branches(model, tok, st, branches[ctx], args.max_rows)):
             got[i, key] = res
     # (c) needs the model's own reasoning, so it is a second round of branches from the same prompt state.
     own = []
@@ -238,8 +244,8 @@ def probe_batch(model, tok, recs):
         thought, action = steps.parse_response(thought_tag + got[i, "cot_gen"]["text"])
         own.append((thought, action))
     second = [{"row": i, "prefix": p, "target": t} for i, rec in enumerate(recs)
-              for p, t in [lm.encode_parts(tok, [prompts[i], thought_prefix(own[i][0]), " " + rec["action"]])[1:]]]
-    own_ll = lm.run_branches(model, tok, state, second, args.max_rows)
+              for p, t in [decode.encode_parts(tok, [prompts[i], thought_prefix(own[i][0]), " " + rec["action"]])[1:]]]
+    own_ll = decode.run_branches(model, tok, state, second, args.max_rows)
 
     out = []
     for i, rec in enumerate(recs):
@@ -280,30 +286,30 @@ def conflict_batch(model, tok, recs, shared=None):
     shared: (state, rows), a prompt state (probe_batch's) holding record i's prompt at row rows[i]; used
     when every prompt's tokens are the same as there, else the prompts run here."""
     prompts = [steps.render_prompt(tok, r["messages"]) for r in recs]
-    ids, pre = zip(*(lm.encode_parts(tok, [p, thought_prefix(r["trace"])]) for p, r in zip(prompts, recs)))
-    lm.check_fits(model, [f"record {r['id']}" for r in recs], [len(i) + len(p) for i, p in zip(ids, pre)],
+    ids, pre = zip(*(decode.encode_parts(tok, [p, thought_prefix(r["trace"])]) for p, r in zip(prompts, recs)))
+    decode.check_fits(model, [f"record {r['id']}" for r in recs], [len(i) + len(p) for i, p in zip(ids, pre)],
                   args.max_action_tokens, args.max_len)
     if shared and all(i == shared[0]["ids"][r] for i, r in zip(ids, shared[1])):
         state, rows = shared
     else:
-        state, rows = lm.encode_prompts(model, list(ids), tok.pad_token_id), list(range(len(recs)))
+        state, rows = decode.encode_prompts(model, list(ids), tok.pad_token_id), list(range(len(recs)))
     # The trace runs once per record (a second state, from the prompt's cache); the greedy action and
     # the two scored actions branch from its last token. A tokenizer that merges the tag with an
     # action gets that branch from the prompt state instead, with the whole trace as its prefix.
-    state_t = lm.encode_prompts(model, [i + p[:-1] for i, p in zip(ids, pre)], tok.pad_token_id,
-                                reuse=[lm.prompt_cache(state, r) for r in rows])
+    state_t = decode.encode_prompts(model, [i + p[:-1] for i, p in zip(ids, pre)], tok.pad_token_id,
+                                reuse=[decode.prompt_cache(state, r) for r in rows])
     branches = {"prompt": [], "trace": []}
     where = []
     for i, rec in enumerate(recs):
         branches["trace"].append({"row": i, "prefix": pre[i][-1:], "max_new": args.max_action_tokens, "stop": "line"})
         where.append(("trace", len(branches["trace"]) - 1))
         for a in (rec["a1"], rec["a2"]):
-            p, t = lm.encode_parts(tok, [prompts[i], thought_prefix(rec["trace"]), " " + a])[1:]
+            p, t = decode.encode_parts(tok, [prompts[i], thought_prefix(rec["trace"]), " " + a])[1:]
             ctx, b = ("trace", {"row": i, "prefix": p[-1:], "target": t}) if p == pre[i] else \
                 ("prompt", {"row": rows[i], "prefix": p, "target": t})
             branches[ctx].append(b)
             where.append((ctx, len(branches[ctx]) - 1))
-    got = {ctx: lm.run_branches(model, tok, st, branches[ctx], args.max_rows) if branches[ctx] else []
+    got = {ctx: decode.run_branches(model, tok, st, branches[ctx], args.max_rows) if branches[ctx] else []
            for ctx, st in (("prompt", state), ("trace", state_t))}
     res = [got[ctx][j] for ctx, j in where]
     out = []
@@ -385,7 +391,7 @@ try:
     for kind in kinds:
         records[kind], files[kind], sampled = load_records(kind)
         attr_ids |= sampled if kind == "steps" else set()
-except steps.DataError as e:
+except jsonio.DataError as e:
     fail(str(e))
 try:
     args.model, model_path, tok = lm.load_base(args.model, [c for _, _, c in ckpts if c])
@@ -396,28 +402,28 @@ except OSError as e:
 
 done_recs, done, fouts, made_from = {}, {}, {}, {}
 settings = {name: getattr(args, name) for name in RESULT_FLAGS} | {"dtype": str(dtype)}
-ckpt_ids = {name: steps.folder_digest(ckpt) for name, _, ckpt in ckpts if ckpt}
+ckpt_ids = {name: provenance.folder_digest(ckpt) for name, _, ckpt in ckpts if ckpt}
 paths = {kind: os.path.join(outs[kind], "records.jsonl") for kind in kinds}
 for kind in kinds if rank == 0 else []:  # one writer and one configuration per output folder, checked first
-    steps.claim_output(outs[kind], fail)
-    inputs = {**{f"{kind} {f}": steps.file_digest(f) for f in files[kind]}, "model": steps.model_identity(model_path)}
+    provenance.claim_output(outs[kind], fail)
+    inputs = {**{f"{kind} {f}": provenance.file_digest(f) for f in files[kind]}, "model": provenance.model_identity(model_path)}
     if kind == "conflicts" and len(kinds) == 2:  # conflicts then come from the steps --data samples
-        inputs.update({f"steps {f}": steps.file_digest(f) for f in files["steps"]})
-    made_from[kind] = steps.check_made_from(os.path.join(outs[kind], "meta.json"),
+        inputs.update({f"steps {f}": provenance.file_digest(f) for f in files["steps"]})
+    made_from[kind] = provenance.check_made_from(os.path.join(outs[kind], "meta.json"),
                                             {"settings": settings, "inputs": inputs, "checkpoints": ckpt_ids},
-                                            [paths[kind], *steps.parts_of(paths[kind])], fail)
+                                            [paths[kind], *jsonio.parts_of(paths[kind])], fail)
 for kind in kinds if rank == 0 else []:
     try:
-        steps.read_done_all(paths[kind])  # a damaged line stops the run here, before anything is rewritten
-    except steps.DataError as e:
+        jsonio.read_done_all(paths[kind])  # a damaged line stops the run here, before anything is rewritten
+    except jsonio.DataError as e:
         fail(str(e))
     meta_path = os.path.join(outs[kind], "meta.json")
-    steps.write_json_atomic(meta_path, {"args": vars(args), "model_path": model_path, "files": files[kind],
-                                        "checkpoints": steps.merged_checkpoints(meta_path, ckpts), "device": device,
+    jsonio.write_json_atomic(meta_path, {"args": vars(args), "model_path": model_path, "files": files[kind],
+                                        "checkpoints": provenance.merged_checkpoints(meta_path, ckpts), "device": device,
                                         "dtype": str(dtype), "made_from": made_from[kind], "processes": world})
 lm.barrier(world)
 for kind in kinds:
-    done[kind] = {r["id"] for r in steps.read_done_all(paths[kind])}
+    done[kind] = {r["id"] for r in jsonio.read_done_all(paths[kind])}
     if rank == 0:
         print(f"probe ({kind}) device {device} ({dtype}) x {world} process(es), model {model_path}, {len(ckpts)} "
               f"checkpoint(s), {len(records[kind])} records from {', '.join(files[kind])}, {len(done[kind])} already in "
@@ -427,12 +433,12 @@ for kind in kinds:
 def write_rows(kind, batch, rows, name, step):
     for rec, row in zip(batch, rows):
         row.update(id=f"{name}/{rec['id']}", checkpoint=name, step=step)
-    steps.append_jsonl(fouts[kind], rows)
+    jsonio.append_jsonl(fouts[kind], rows)
 
 
 t0 = time.time()
 for kind in kinds:
-    fouts[kind] = open(steps.part_path(paths[kind], rank, world), "a")
+    fouts[kind] = open(jsonio.part_path(paths[kind], rank, world), "a")
 for name, step, ckpt in ckpts:
     todo = {kind: [r for r in records[kind] if f"{name}/{r['id']}" not in done[kind]] for kind in kinds}
     if not any(todo.values()):
@@ -487,7 +493,7 @@ if rank > 0:
 order = {kind: {f"{n}/{r['id']}": (i, j) for i, (n, _, _) in enumerate(ckpts) for j, r in enumerate(records[kind])}
          for kind in kinds}
 for kind in kinds:
-    done_recs[kind] = steps.merge_parts(paths[kind], lambda r, o=order[kind]: o.get(r["id"], (-1, 0)))
+    done_recs[kind] = jsonio.merge_parts(paths[kind], lambda r, o=order[kind]: o.get(r["id"], (-1, 0)))
 
 for kind in kinds:
     conflicts = kind == "conflicts"
@@ -495,10 +501,10 @@ for kind in kinds:
     metrics = CONFLICT_METRICS if conflicts else PROBE_METRICS + sorted(
         {k for r in done_recs[kind] for k in r if k.startswith("trunc_")}, key=lambda k: (k.split("_")[1], int(k.split("_")[-1])))
     wanted = {f"{n}/{r['id']}" for n, _, _ in ckpts for r in records[kind]}
-    rows = steps.summarize([r for r in done_recs[kind] if r["id"] in wanted], keys, metrics, seed=args.seed)
+    rows = stats.summarize([r for r in done_recs[kind] if r["id"] in wanted], keys, metrics, seed=args.seed)
     rows.sort(key=lambda r: (r["step"], r["checkpoint"], r["env"], r["split"], r.get("method", "")))
-    steps.write_jsonl_atomic(os.path.join(outs[kind], "summary.jsonl"), rows)
-    steps.write_csv_atomic(os.path.join(outs[kind], "summary.csv"), rows)
+    jsonio.write_jsonl_atomic(os.path.join(outs[kind], "summary.jsonl"), rows)
+    jsonio.write_csv_atomic(os.path.join(outs[kind], "summary.csv"), rows)
     headline = ("follows", "anchors") if conflicts else ("prompt_correct", "cot_correct", "consistent")
     for row in rows:
         print(f"{row['checkpoint']:>32} {row['env']:>12} {row['split']:>8} n={row['n']:4d} " +

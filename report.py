@@ -45,9 +45,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-import steps  # noqa: E402
+import cli  # noqa: E402
+import jsonio  # noqa: E402
+import provenance  # noqa: E402
+import stats  # noqa: E402
 
-steps.exit_on_signals()
+cli.exit_on_signals()
 
 OUT = os.path.join(args.results, "report")
 SPLITS = ("id_test", "ood_test")
@@ -124,7 +127,7 @@ def run_info(folder):
         else:  # the run folder moved, or another trainer's: train.py's default naming k{k}_seed{seed} if it fits
             m = re.match(r"k([\d.]+)_seed(\d+)", name)
             k, seed = (float(m.group(1)), int(m.group(2))) if m else (None, None)
-        ckpt = weights.get(name) or (steps.folder_digest(path) if os.path.isdir(path) else "path:" + os.path.abspath(path))
+        ckpt = weights.get(name) or (provenance.folder_digest(path) if os.path.isdir(path) else "path:" + os.path.abspath(path))
         info[name] = {"run": run_id, "label": name.split("/")[0], "k": float(k) if isinstance(k, int) else k,
                       "seed": seed, "ckpt": ckpt, "path": path}
     return config, info
@@ -140,15 +143,15 @@ def load(kind, filename):
     recs, seen, configs, labels = [], {}, {}, {}
     for folder in sorted(glob.glob(os.path.join(args.results, kind, "*"))):
         path = os.path.join(folder, filename)
-        if steps.parts_of(path):
-            fail(f"{folder}: part files of an unfinished multi-process run ({', '.join(map(os.path.basename, steps.parts_of(path)))}); "
+        if jsonio.parts_of(path):
+            fail(f"{folder}: part files of an unfinished multi-process run ({', '.join(map(os.path.basename, jsonio.parts_of(path)))}); "
                  f"rerun that command to finish and merge them")
         if not os.path.exists(path):
             continue
         config, info = run_info(folder)
         try:
-            numbered = steps.read_jsonl_lines(path, required=("id", "checkpoint"))
-        except steps.DataError as e:
+            numbered = jsonio.read_jsonl_lines(path, required=("id", "checkpoint"))
+        except jsonio.DataError as e:
             fail(str(e))
         latest = {}
         for lineno, r in numbered:
@@ -204,7 +207,7 @@ def per_run(recs):
 
 
 def table(recs, keys, metrics):
-    rows = steps.summarize(recs, keys, metrics, seed=args.seed)
+    rows = stats.summarize(recs, keys, metrics, seed=args.seed)
     return sorted(rows, key=lambda r: tuple(str(r[k]) if not isinstance(r[k], (int, float)) else f"{r[k]:012.4f}" for k in keys))
 
 
@@ -212,7 +215,7 @@ def save(fig, name, rows):
     os.makedirs(OUT, exist_ok=True)
     fig.savefig(os.path.join(OUT, name + ".png"), dpi=110, bbox_inches="tight", metadata={"Software": None})
     plt.close(fig)
-    steps.write_csv_atomic(os.path.join(OUT, name + ".csv"), rows)
+    jsonio.write_csv_atomic(os.path.join(OUT, name + ".csv"), rows)
 
 
 def curves(ax, rows, x, metric, label_of, style=None):
@@ -277,29 +280,6 @@ def md_table(rows, cols):
     return "\n".join(lines)
 
 
-def seeds_and_items(groups, seed, n_boot=2000):
-    """(mean, low, high) pooled over training seeds: the mean of the seed means, and a 95% interval from a
-    crossed bootstrap that draws the seeds and the items (steps, conflicts or games) together, one item draw
-    shared by every drawn seed, since every seed is measured on the same items. So the interval holds
-    between-seed variation and the items' (drawing the items anew for each seed would shrink the items' part
-    by the number of seeds). groups = {seed: {item: value}}; an item a seed lacks is left out of that seed's
-    mean. With one seed it is the items' bootstrap alone, with no between-seed variation in it: say so."""
-    seeds = sorted(groups, key=str)
-    items = sorted({i for g in groups.values() for i in g}, key=str)
-    x = np.array([[groups[s].get(i, np.nan) for i in items] for s in seeds], float)  # seeds x items
-    seen = ~np.isnan(x)
-    x = np.nan_to_num(x)
-    rng = np.random.default_rng(seed)
-    boots = np.empty(n_boot)
-    for b in range(n_boot):
-        rows, cols = rng.integers(0, len(seeds), len(seeds)), rng.integers(0, len(items), len(items))
-        sums, counts = x[rows][:, cols].sum(1), seen[rows][:, cols].sum(1)
-        boots[b] = np.mean(sums[counts > 0] / counts[counts > 0])
-    lo, hi = np.nanpercentile(boots, [2.5, 97.5])
-    mean = np.mean([x[j][seen[j]].mean() for j in range(len(seeds))])
-    return round(float(mean), 4), round(float(lo), 4), round(float(hi), 4)
-
-
 def last_steps(recs):
     """{run: the step of its last checkpoint among recs}."""
     last = {}
@@ -313,25 +293,6 @@ def trained_last(recs):
     claims compare."""
     last = last_steps(recs)
     return [r for r in recs if isinstance(r["k"], float) and r["step"] == last[r["run"]] and r["step"] > 0]
-
-
-# Two-sided 95% quantiles of Student's t by degrees of freedom (seeds - 1); past 30 the value at 30, at most 4.2%
-# wider than the exact one (never narrower: 1.96 would be).
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
-        11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093,
-        20: 2.086, 21: 2.080, 22: 2.074, 23: 2.069, 24: 2.064, 25: 2.060, 26: 2.056, 27: 2.052, 28: 2.048,
-        29: 2.045, 30: 2.042}
-
-
-def seed_t_interval(groups):
-    """'[low, high]': a t interval over the seed means, each seed one observation: between-seed variation
-    alone (the items are the same for every seed), with the width t gives few seeds (t = 4.30 for 3), where
-    the bootstrap draws only 10 distinct sets of 3 seeds. A check beside seeds_and_items; '' with one seed."""
-    means = [float(np.mean(list(groups[k].values()))) for k in groups]
-    if len(means) < 2:
-        return ""
-    half = T975[min(len(means) - 1, 30)] * float(np.std(means, ddof=1)) / len(means) ** 0.5
-    return f"[{np.mean(means) - half:.2f}, {np.mean(means) + half:.2f}]"
 
 
 def k_effect(recs, metrics, item_of):
@@ -354,11 +315,11 @@ def k_effect(recs, metrics, item_of):
                     continue
                 row = {"metric": m, "split": split, "k": k, "vs_k": ks[0]}
                 for seed, diffs in sorted(groups.items(), key=lambda kv: str(kv[0])):
-                    mean, lo, hi = steps.mean_ci(list(diffs.values()), seed=args.seed)
+                    mean, lo, hi = stats.mean_ci(list(diffs.values()), seed=args.seed)
                     rows.append(dict(row, seed=seed, n=len(diffs), diff=mean, diff_lo=lo, diff_hi=hi))
-                mean, lo, hi = seeds_and_items(groups, args.seed)
+                mean, lo, hi = stats.seeds_and_items(groups, args.seed)
                 rows.append(dict(row, seed=f"pooled ({len(groups)})", n=sum(map(len, groups.values())), diff=mean,
-                                 diff_lo=lo, diff_hi=hi, diff_t=seed_t_interval(groups)))
+                                 diff_lo=lo, diff_hi=hi, diff_t=stats.seed_t_interval(groups)))
     return rows
 
 
@@ -384,10 +345,10 @@ def pooled_over_seeds(recs, metrics, item_of):
                 if not level:
                     continue
                 row = {"metric": m, "split": split, "k": k, "seeds": len(level), "n": sum(map(len, level.values()))}
-                row["value"], row["value_lo"], row["value_hi"] = seeds_and_items(level, args.seed)
-                row["value_t"] = seed_t_interval(level)
-                row["change"], row["change_lo"], row["change_hi"] = seeds_and_items(change, args.seed) if change else (None,) * 3
-                row["change_t"] = seed_t_interval(change) if change else ""
+                row["value"], row["value_lo"], row["value_hi"] = stats.seeds_and_items(level, args.seed)
+                row["value_t"] = stats.seed_t_interval(level)
+                row["change"], row["change_lo"], row["change_hi"] = stats.seeds_and_items(change, args.seed) if change else (None,) * 3
+                row["change_t"] = stats.seed_t_interval(change) if change else ""
                 rows.append(row)
     return rows
 
@@ -407,7 +368,7 @@ probe, conf, episodes = (load(kind, name) for kind, name in (("probe", "records.
                                                              ("eval", "episodes.jsonl")))
 if not (probe or conf or episodes):
     fail(f"nothing to report under {args.results} (expected probe/*, conflicts/*, eval/* folders)")
-steps.claim_output(OUT, fail)
+provenance.claim_output(OUT, fail)
 probe, conf = per_run(probe), per_run(conf)
 if probe:
     rows = table(probe, ["run", "step", "split"], ["prompt_correct", "cot_correct", "consistent", "helpful", "harmful",
@@ -497,7 +458,7 @@ if episodes:
     final = [r for r in episodes if r["step"] == last[r["run"]] and r["mode"] in ("prompt", "cot", "expert", "random")]
     rows = table(final, ["k_label", "split", "mode"], ["won", "score", "agreement", "invalid_rate"])
     for row in rows:  # success is a proportion: its Wilson interval too, which is not degenerate at 0 or 1
-        row["won_wilson_lo"], row["won_wilson_hi"] = steps.wilson(round(row["won"] * row["n"]), row["n"])
+        row["won_wilson_lo"], row["won_wilson_hi"] = stats.wilson(round(row["won"] * row["n"]), row["n"])
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)
     for ax, split in zip(axes, SPLITS):
         bars(ax, [r for r in rows if r["split"] == split], "won", "k_label", "mode",
@@ -514,7 +475,7 @@ if episodes:
     for row in rows:
         row["won_wilson"] = f"[{row['won_wilson_lo']:.2f}, {row['won_wilson_hi']:.2f}]"
         rnd = floor.get(row["split"])  # is this policy's success above the random policy's on the same split?
-        row["p_vs_random"] = "" if rnd is None or row["mode"] in ("random", "expert") else "%.3f" % steps.fisher_greater(
+        row["p_vs_random"] = "" if rnd is None or row["mode"] in ("random", "expert") else "%.3f" % stats.fisher_greater(
             round(row["won"] * row["n"]), row["n"], round(rnd["won"] * rnd["n"]), rnd["n"])
     md += ["## Online rollouts (last checkpoint of each run)", "", "p vs random: one-sided Fisher exact test that "
            "the success rate is above the random policy's on the same split.", "", md_table(rows, [
@@ -533,7 +494,7 @@ if episodes:
         for row in drows:  # the games a paired interval of +-0.05 would need at this spread (normal approximation)
             sd = np.std([d["cot_minus_prompt"] for d in diffs if (d["k_label"], d["split"]) == (row["k_label"], row["split"])], ddof=1)
             row["games_for_0.05"] = int(np.ceil((1.96 * sd / 0.05) ** 2)) if row["n"] > 1 and sd > 0 else None  # no spread: unknown
-        steps.write_csv_atomic(os.path.join(OUT, "cot_minus_prompt.csv"), drows)
+        jsonio.write_csv_atomic(os.path.join(OUT, "cot_minus_prompt.csv"), drows)
         md += ["### CoT minus prompt success, paired by task", "", "games for +-0.05: tasks a 95% interval of half-width "
                "0.05 would need at this spread of the paired differences, (1.96 sd / 0.05)^2; telling two checkpoints "
                "apart by 0.05 needs about twice that, more for 80% power.", "", md_table(drows, [
@@ -544,7 +505,7 @@ if episodes:
     if len({(o["run"], o["step"]) for o in by_ckpt}) > len({o["run"] for o in by_ckpt}):
         crows = table([dict(o, cot_minus_prompt=o["won_cot_minus_prompt"]) for o in by_ckpt if "won_cot_minus_prompt" in o],
                       ["run", "split", "step"], ["cot_minus_prompt"])
-        steps.write_csv_atomic(os.path.join(OUT, "cot_minus_prompt_by_step.csv"), crows)
+        jsonio.write_csv_atomic(os.path.join(OUT, "cot_minus_prompt_by_step.csv"), crows)
         md += ["### CoT minus prompt success across checkpoints, paired by task", "", md_table(crows, [
             ("run", "run"), ("split", "split"), ("step", "step"), ("n tasks", "n"), ("CoT - prompt", "cot_minus_prompt")]), ""]
     trained = [r for r in final if isinstance(r["k"], float) and r["split"] == "ood_test"]
@@ -566,7 +527,7 @@ effect = k_effect(probe, ["prompt_correct", "cot_correct", "consistent", "ll_pro
 effect += [dict(r, metric=f"won ({mode} mode)") for mode in ("prompt", "cot")
            for r in k_effect([e for e in episodes if e["mode"] == mode], ["won"], lambda e: e["task_id"])]
 if effect:
-    steps.write_csv_atomic(os.path.join(OUT, "k_effect.csv"), effect)
+    jsonio.write_csv_atomic(os.path.join(OUT, "k_effect.csv"), effect)
     md += ["## The k effect, paired (each k minus the smallest, last checkpoints)", "",
            "Differences paired by probed step or conflict (offline) or by game (online) within a seed; per seed a "
            "bootstrap over those items; pooled: the mean of the seed means with a crossed bootstrap (seeds and "
@@ -583,7 +544,7 @@ pooled = (pooled_over_seeds(probe, ["prompt_correct", "cot_correct", "cot_minus_
           + pooled_over_seeds(conf, ["follows", "anchors"], local_id)
           + pooled_over_seeds(list(online.values()), ["won_prompt", "won_cot", "won_cot_minus_prompt"], lambda o: o["task_id"]))
 if pooled:
-    steps.write_csv_atomic(os.path.join(OUT, "pooled_over_seeds.csv"), pooled)
+    jsonio.write_csv_atomic(os.path.join(OUT, "pooled_over_seeds.csv"), pooled)
     md += ["## Pooled over training seeds (last checkpoints)", "",
            "Each k's runs at their last checkpoint: the mean of the seed means, and its change from the base model "
            "paired by probed step or conflict; intervals from a crossed bootstrap (seeds and items drawn together), "

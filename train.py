@@ -83,10 +83,15 @@ args = parser.parse_args()
 import torch  # noqa: E402  (after argparse so --help is instant)
 from tqdm import tqdm  # noqa: E402
 
+import checkpoint_io  # noqa: E402
+import cli  # noqa: E402
+import jsonio  # noqa: E402
 import lm  # noqa: E402
+import provenance  # noqa: E402
+import sft  # noqa: E402
 import steps  # noqa: E402
 
-steps.exit_on_signals()
+cli.exit_on_signals()
 
 
 def fail(msg):
@@ -179,8 +184,8 @@ def save_checkpoint(model, tok, optimizer, step, epoch, data_hashes):
     meta = {"args": vars(args), "model_path": model_path, "model_identity": model_identity, "data": data_hashes,
             "step": step, "epoch": epoch, "seed": args.seed, "device": device, "dtype": str(dtype), "run_identity": run_identity(data_hashes),
             "versions": {p: md.version(p) for p in ("torch", "transformers", "peft")}}
-    steps.write_json_atomic(os.path.join(tmp, "meta.json"), meta)
-    steps.umask_mode(tmp)
+    jsonio.write_json_atomic(os.path.join(tmp, "meta.json"), meta)
+    jsonio.umask_mode(tmp)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     return final
@@ -226,7 +231,7 @@ def latest_checkpoint():
 
 # ----------------------------------------------------------------------------- setup
 
-steps.check_numbers(args, {
+cli.check_numbers(args, {
     "mask_action_frac": (0, 1), "lora_r": (1, None), "lora_alpha": (("<", 0), None), "lora_dropout": (0, ("<", 1)),
     "epochs": (("<", 0), None), "max_steps": (0, None), "batch_size": (1, None), "micro_batch_tokens": (0, None),
     "lr": (("<", 0), None), "warmup_frac": (0, 1), "weight_decay": (0, None), "grad_clip": (0, None),
@@ -258,13 +263,13 @@ main_process = rank == 0
 try:
     model_path = lm.resolve_model(args.model)
     tok = lm.load_tokenizer(model_path)
-    model_identity = steps.model_identity(model_path)  # probe.py and evaluate.py check adapters against it
+    model_identity = provenance.model_identity(model_path)  # probe.py and evaluate.py check adapters against it
 except (OSError, ValueError) as e:
     fail(f"cannot load model {args.model!r}: {e}")
 pad_id = tok.pad_token_id
 try:
     examples, data_hashes = load_examples(tok)
-except (steps.DataError, ValueError) as e:
+except (jsonio.DataError, ValueError) as e:
     fail(str(e))
 
 random.seed(args.seed)
@@ -290,12 +295,12 @@ if args.init_adapter:
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
     try:
-        steps.check_checkpoint(args.init_adapter)
+        checkpoint_io.check_checkpoint(args.init_adapter)
         set_peft_model_state_dict(model, load_file(os.path.join(args.init_adapter, "adapter_model.safetensors")))
     except (ValueError, OSError, RuntimeError) as e:
         fail(f"--init-adapter {args.init_adapter}: {e}")
 if main_process:  # one writer per run folder, before anything is trained (or written) there
-    steps.claim_output(out_dir, fail)
+    provenance.claim_output(out_dir, fail)
 params = [p for p in model.parameters() if p.requires_grad]
 optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
 
@@ -343,8 +348,8 @@ metrics_path = os.path.join(out_dir, "metrics.jsonl")
 if main_process and os.path.exists(metrics_path):
     # A fresh run starts a new log; a resumed one keeps the lines up to its checkpoint, which the
     # steps after it (logged before the kill) would otherwise repeat.
-    kept = [r for r in steps.read_done(metrics_path) if r.get("step", 0) <= step]
-    steps.write_jsonl_atomic(metrics_path, kept)
+    kept = [r for r in jsonio.read_done(metrics_path) if r.get("step", 0) <= step]
+    jsonio.write_jsonl_atomic(metrics_path, kept)
 acc = {"loss": 0.0, "n": 0, "action": 0.0, "n_action": 0, "thought": 0.0, "n_thought": 0, "tokens": 0, "computed": 0}
 t_log = time.time()
 t_start = time.time()
@@ -357,10 +362,10 @@ while step < total_steps:
     lr = lr_at(step, total_steps)
     for group in optimizer.param_groups:
         group["lr"] = lr
-    n_sup = lm.supervised_tokens(examples, batch)
+    n_sup = sft.supervised_tokens(examples, batch)
     optimizer.zero_grad(set_to_none=True)
     shard = batch[rank::world]
-    sums = lm.batch_backward(model, examples, shard, n_sup, pad_id, args.micro_batch_tokens, args.share_prefix,
+    sums = sft.batch_backward(model, examples, shard, n_sup, pad_id, args.micro_batch_tokens, args.share_prefix,
                              args.grad_checkpoint) if shard else {}
     for key, value in sums.items():
         acc[key] += value

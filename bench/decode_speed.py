@@ -2,7 +2,7 @@
 the weights' matmuls; the ceiling on what lockstep batching (evaluate.py --num-envs) can buy.
 
 For each batch size B, a prompt cache of --context tokens per row is built, then single-token
-decode steps are timed through the same in-place KV buffer evaluate.py uses (lm.run_branches), and
+decode steps are timed through the same in-place KV buffer evaluate.py uses (decode.run_branches), and
 the model's linear layers alone are timed on (B, hidden) inputs. Prints ms per step, ms per row-token
 and the batch-B step's cost relative to batch 1: if a batch-16 step costs 2x a batch-1 step, sixteen
 rows decode 8x faster than one row at a time, before prefill, environments and startup.
@@ -27,6 +27,7 @@ args = parser.parse_args()
 
 import torch  # noqa: E402
 
+import decode  # noqa: E402
 import lm  # noqa: E402
 
 torch.set_num_threads(args.threads)
@@ -44,8 +45,8 @@ def decode_ms(b):
     """ms per decode step of b rows after a context-token prompt, through lm's KV buffer."""
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(100, 10_000, (b, args.context), generator=g)
-    state = lm.encode_prompts(model, ids.tolist(), 0)
-    cache = lm._rows(state["layers"], list(range(b)), room=args.steps + 2)
+    state = decode.encode_prompts(model, ids.tolist(), 0)
+    cache = decode._rows(state["layers"], list(range(b)), room=args.steps + 2)
     mask, pos = state["mask"], state["next_pos"][:, None]
     x = torch.randint(100, 10_000, (b, 1), generator=g).to(device)
     keep = torch.zeros((b, 1), dtype=torch.long, device=device)
@@ -55,7 +56,7 @@ def decode_ms(b):
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
             sync()
             t = time.perf_counter()
-            lm._last_logits(model, x, mask, pos + i, cache, keep)
+            decode._last_logits(model, x, mask, pos + i, cache, keep)
             sync()
             times.append(time.perf_counter() - t)
     return 1000 * sum(times[1:]) / args.steps  # the first step warms up

@@ -52,14 +52,14 @@ parser.add_argument("--stages", default="train,torchrun,probe,eval,cpu,step,spee
                     help="comma list of the stages to run (train is needed by torchrun's speed line, probe and eval)")
 parser.add_argument("--profile", action="store_true",
                     help="also print torch.profiler's tables of one warm training step and of 16 greedy tokens at batch 1 "
-                         "(lm.run_branches, then generate)")
+                         "(decode.run_branches, then generate)")
 parser.add_argument("--out", default="", help="work folder (default: a temp folder)")
 parser.add_argument("--replay-worker", default="", help=argparse.SUPPRESS)
 args = parser.parse_args()
 
 
 def replay_worker(path):
-    """envs.py --serve's protocol over recorded episodes: the expert's action gets the recorded next
+    """python -m envs --serve's protocol over recorded episodes: the expert's action gets the recorded next
     observation, any other action "Nothing happens."; the episode is won when the expert path ends."""
     import steps
     episodes = {}
@@ -93,7 +93,10 @@ if args.replay_worker:
 
 import torch  # noqa: E402
 
+import decode  # noqa: E402
+import jsonio  # noqa: E402
 import lm  # noqa: E402
+import sft  # noqa: E402
 import steps  # noqa: E402
 
 device, model_dtype = lm.pick_device(args.device)  # also the CUDA attention settings the scripts use
@@ -163,10 +166,10 @@ print(f"device {device} ({torch.cuda.get_device_name() if device.startswith('cud
 records = steps.read_steps(args.data)
 keep = sorted({r["task_id"] for r in records})[:max(args.records, args.steps * args.batch_size // 6 + 1)]
 data = os.path.join(work, "steps_train.jsonl")
-steps.write_jsonl_atomic(data, [r for r in records if r["task_id"] in keep])
+jsonio.write_jsonl_atomic(data, [r for r in records if r["task_id"] in keep])
 few = sorted({r["task_id"] for r in records})[:args.records]
 test = os.path.join(work, "replay")  # evaluate.py reads <data>/alfworld_id_test.jsonl and the games' folder layout
-steps.write_jsonl_atomic(os.path.join(test, "alfworld_id_test.jsonl"),
+jsonio.write_jsonl_atomic(os.path.join(test, "alfworld_id_test.jsonl"),
                          [dict(r, split="id_test") for r in records if r["task_id"] in few])
 for tid in few:  # the game files are never opened by the replay worker; evaluate.py only lists them
     game = os.path.join(test, "alfworld_games", *tid.split("/")[1:], "game.tw-pddl")
@@ -206,11 +209,11 @@ if "eval" in stages:
 
 
 def greedy_and_ll(model, prompts, targets):
-    state = lm.encode_prompts(model, prompts, tok.pad_token_id)
+    state = decode.encode_prompts(model, prompts, tok.pad_token_id)
     tag = tok(" Action:", add_special_tokens=False)["input_ids"]
     branches = ([{"row": i, "prefix": tag, "max_new": 12, "stop": "never"} for i in range(len(prompts))]
                 + [{"row": i, "prefix": tag, "target": t} for i, t in enumerate(targets)])
-    out = lm.run_branches(model, tok, state, branches)
+    out = decode.run_branches(model, tok, state, branches)
     return [o["text"] for o in out[:len(prompts)]], [sum(o["logprobs"]) for o in out[len(prompts):]]
 
 
@@ -257,13 +260,13 @@ for mbt, tok_s in train_tok_s.items():
 
 
 def train_steps(model, examples, batches, mbt, share):
-    """train.py's step (lm.batch_backward, clipping, AdamW) over the given batches; seconds per step."""
+    """train.py's step (sft.batch_backward, clipping, AdamW) over the given batches; seconds per step."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5)
     t0 = clock()
     for batch in batches:
         optimizer.zero_grad(set_to_none=True)
-        lm.batch_backward(model, examples, batch, lm.supervised_tokens(examples, batch), tok.pad_token_id, mbt, share)
+        sft.batch_backward(model, examples, batch, sft.supervised_tokens(examples, batch), tok.pad_token_id, mbt, share)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
     return (clock() - t0) / len(batches)
@@ -320,17 +323,17 @@ print(f"baseline: transformers generate, batch  1: {64 / seconds:8.1f} tok/s")
 thought = tok(" Thought:", add_special_tokens=False)["input_ids"]
 for batch in (1, 8, 32):
     rows = (prompts * batch)[:batch]
-    state = lm.encode_prompts(model, rows, tok.pad_token_id)
+    state = decode.encode_prompts(model, rows, tok.pad_token_id)
     branches = [{"row": i, "prefix": thought, "max_new": 64, "stop": "never"} for i in range(batch)]
     t0 = clock()
-    lm.run_branches(model, tok, state, branches, max_rows=batch)
+    decode.run_branches(model, tok, state, branches, max_rows=batch)
     print(f"decode batch {batch:2d}: {batch * 64 / (clock() - t0):8.1f} tok/s ({model_dtype}, prompts of ~{len(rows[0])} tokens)")
 if args.profile:
-    for name in ("lm.run_branches", "transformers generate"):
-        state = lm.encode_prompts(model, prompts[:1], tok.pad_token_id)
+    for name in ("decode.run_branches", "transformers generate"):
+        state = decode.encode_prompts(model, prompts[:1], tok.pad_token_id)
         with profiled() as prof:
-            if name == "lm.run_branches":
-                lm.run_branches(model, tok, state, [{"row": 0, "prefix": thought, "max_new": 16, "stop": "never"}])
+            if name == "decode.run_branches":
+                decode.run_branches(model, tok, state, [{"row": 0, "prefix": thought, "max_new": 16, "stop": "never"}])
             else:
                 model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, min_new_tokens=16,
                                do_sample=False, pad_token_id=tok.pad_token_id)

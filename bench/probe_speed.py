@@ -35,6 +35,7 @@ args = parser.parse_args()
 
 import torch  # noqa: E402
 
+import decode  # noqa: E402
 import lm  # noqa: E402
 import steps  # noqa: E402
 
@@ -68,12 +69,12 @@ class StopAt:
         self.n0, self.stop = n0, stop
 
     def __call__(self, input_ids, scores, **kwargs):
-        return torch.tensor([lm._finished(tok.decode(input_ids[0, self.n0:]), self.stop)])
+        return torch.tensor([decode._finished(tok.decode(input_ids[0, self.n0:]), self.stop)])
 
 
 def naive_ll(prompt, prefix, target):
     """Log-likelihood (sum, nats) of target after prompt + prefix: one full forward."""
-    p, pre, t = lm.encode_parts(tok, [prompt, prefix, " " + target])
+    p, pre, t = decode.encode_parts(tok, [prompt, prefix, " " + target])
     with torch.no_grad():
         logp = torch.log_softmax(model(torch.tensor([p + pre + t])).logits[0].float(), -1)
     n0 = len(p) + len(pre)
@@ -81,7 +82,7 @@ def naive_ll(prompt, prefix, target):
 
 
 def naive_gen(prompt, prefix, max_new, stop):
-    p, pre = lm.encode_parts(tok, [prompt, prefix])
+    p, pre = decode.encode_parts(tok, [prompt, prefix])
     ids = torch.tensor([p + pre])
     with torch.no_grad():
         gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new, do_sample=False,

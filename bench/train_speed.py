@@ -52,6 +52,7 @@ args = parser.parse_args()
 
 import torch  # noqa: E402
 
+import jsonio  # noqa: E402
 import lm  # noqa: E402
 import steps  # noqa: E402
 
@@ -114,7 +115,7 @@ if args.episodes:  # whole episodes, so that --share-prefix has steps to share a
     keep = sorted({r["task_id"] for r in records})[:args.episodes]
     records = [r for r in records if r["task_id"] in keep]
     data, n_examples = os.path.join(out, "episodes_train.jsonl"), len(records)
-    steps.write_jsonl_atomic(data, records)
+    jsonio.write_jsonl_atomic(data, records)
 
 
 def run_train(name, extra):

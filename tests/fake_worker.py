@@ -2,14 +2,14 @@
 
     python tests/fake_worker.py MODE MARKER
 MODE: crash-once / hang-once (the first worker to see a step fails, later ones work: the marker
-file remembers) or crash-always. Otherwise it is envs.py --serve.
+file remembers) or crash-always. Otherwise it is python -m envs --serve.
 """
 import os
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import envs  # noqa: E402
+import envs.worker  # noqa: E402
 
 mode, marker = sys.argv[1], sys.argv[2]
 
@@ -39,4 +39,4 @@ class Failing:
 
 
 sys.stdin = Failing(sys.stdin)
-envs.serve()
+envs.worker.serve()

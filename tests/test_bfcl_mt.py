@@ -71,7 +71,7 @@ def test_expert_wins_every_entry_of_both_test_splits_and_frees_its_instances():
 
 
 def test_positional_ground_truth_is_rendered_with_keywords():
-    sigs = envs._mt_class_api("GorillaFileSystem")[1]
+    sigs = envs.bfcl_mt._mt_class_api("GorillaFileSystem")[1]
     assert envs.parse_mt_action("[sort('report.pdf')]", sigs) == ["sort(file_name='report.pdf')"]
     assert envs.parse_mt_action("[ls(), tail(file_name='a', lines=3)]", sigs) == ["ls()", "tail(file_name='a', lines=3)"]
     for bad, why in (("[cd(directory='x')]", "missing a required argument"), ("[cd(folder='x', depth=2)]", "unexpected keyword"),

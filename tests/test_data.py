@@ -12,6 +12,7 @@ import warnings
 import pytest
 
 import envs
+import jsonio
 import steps
 from conftest import ROOT, SMALL, run
 
@@ -48,11 +49,11 @@ def test_build_messages_window():
 def test_read_jsonl_names_file_line_and_field(tmp_path):
     p = tmp_path / "x.jsonl"
     p.write_text('{"id": "a"}\n{not json}\n')
-    with pytest.raises(steps.DataError, match=r"x.jsonl:2: not valid JSON"):
-        steps.read_jsonl(str(p))
+    with pytest.raises(jsonio.DataError, match=r"x.jsonl:2: not valid JSON"):
+        jsonio.read_jsonl(str(p))
     p.write_text('{"id": "a"}\n')
-    with pytest.raises(steps.DataError, match=r"x.jsonl:1: missing field 'action'"):
-        steps.read_jsonl(str(p), required=("id", "action"))
+    with pytest.raises(jsonio.DataError, match=r"x.jsonl:1: missing field 'action'"):
+        jsonio.read_jsonl(str(p), required=("id", "action"))
 
 
 # ----------------------------------------------------------------------------- make_data.py output

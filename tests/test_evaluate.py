@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-import steps
+import stats
 from conftest import ROOT, run
 
 TINY = ["--threads", "1", "--max-thought-tokens", "6", "--max-action-tokens", "6", "--max-steps", "3"]
@@ -139,7 +139,7 @@ def test_bad_inputs_fail_clearly(tiny_model, tmp_path):
 
 
 def test_batched_backend_matches_reference_generate_loop(tiny_model, all_data, tmp_path):
-    # 4 lockstep envs through lm.run_branches (batched, each prompt reusing the last one's KV cache)
+    # 4 lockstep envs through decode.run_branches (batched, each prompt reusing the last one's KV cache)
     # against one HF generate call per state and mode: the same greedy text at every step.
     argv = ["evaluate.py", "--model", tiny_model, "--data", str(all_data), "--max-episodes", "1", "--mode", "cot",
             "--env", "alfworld,bfcl", *TINY]
@@ -156,9 +156,9 @@ def test_batched_backend_matches_reference_generate_loop(tiny_model, all_data, t
 def test_fisher_and_wilson_against_hand_computed_values():
     """report.py's 'p vs random' and Wilson columns: exact values worked out by hand."""
     # 2 of the 2 successes in the first of two groups of 3: C(3,2) C(3,0) / C(6,2) = 3/15.
-    assert steps.fisher_greater(2, 3, 0, 3) == pytest.approx(0.2)
+    assert stats.fisher_greater(2, 3, 0, 3) == pytest.approx(0.2)
     # 7 of 64 against 0 of 64: only the split with all 7 in the first group counts.
-    assert steps.fisher_greater(7, 64, 0, 64) == pytest.approx(math.prod(range(58, 65)) / math.prod(range(122, 129)))
-    assert steps.fisher_greater(0, 64, 0, 64) == 1.0 and steps.fisher_greater(3, 32, 3, 32) > 0.5
-    lo, hi = steps.wilson(0, 64)
+    assert stats.fisher_greater(7, 64, 0, 64) == pytest.approx(math.prod(range(58, 65)) / math.prod(range(122, 129)))
+    assert stats.fisher_greater(0, 64, 0, 64) == 1.0 and stats.fisher_greater(3, 32, 3, 32) > 0.5
+    lo, hi = stats.wilson(0, 64)
     assert lo == 0 and hi == pytest.approx(1.96 ** 2 / (64 + 1.96 ** 2), abs=1e-4)

@@ -18,7 +18,7 @@ def test_gpu_check_smoke_on_cpu(small_data, tmp_path):
 
 def test_gpu_check_stages_micro_batches_and_profile(small_data, tmp_path):
     """--stages runs only the named stages; a --micro-batch-tokens list trains once per value (train.py and
-    the in-process warm steps); --profile prints torch.profiler tables of a training step, lm.run_branches
+    the in-process warm steps); --profile prints torch.profiler tables of a training step, decode.run_branches
     and generate."""
     proc = run("bench/gpu_check.py", "--device", "cpu", "--size", "tiny", "--steps", "1", "--batch-size", "4",
                "--records", "2", "--data", os.path.join(small_data[0], "alfworld_train.jsonl"), "--out", str(tmp_path),
@@ -30,7 +30,7 @@ def test_gpu_check_stages_micro_batches_and_profile(small_data, tmp_path):
             assert f"warm training step, micro-batch tokens {int(mbt):5d}, share-prefix {share}: " in proc.stdout
     assert "profile of one warm training step" in proc.stdout
     assert "probe.py" not in proc.stdout and "evaluate.py" not in proc.stdout and "torchrun" not in proc.stdout
-    for name in ("lm.run_branches", "transformers generate"):
+    for name in ("decode.run_branches", "transformers generate"):
         assert f"profile of 16 greedy tokens at batch 1, {name}:" in proc.stdout
     assert "aten::" in proc.stdout and "gpu_check done: all stages ok" in proc.stdout
 

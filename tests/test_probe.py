@@ -1,10 +1,12 @@
-"""probe.py, make_conflicts.py and the branching engine they share (lm.run_branches)."""
+"""probe.py, make_conflicts.py and the branching engine they share (decode.run_branches)."""
 import json
 import os
 import shutil
 
 import pytest
 
+import decode
+import jsonio
 import lm
 import steps
 from conftest import run
@@ -23,7 +25,7 @@ def memorized(tiny_model, small_data, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("memorized")
     rec = steps.read_steps(os.path.join(small_data[0], "alfworld_id_test.jsonl"))[0]
     data = tmp / "one.jsonl"
-    steps.write_jsonl_atomic(str(data), [rec])
+    jsonio.write_jsonl_atomic(str(data), [rec])
     run("train.py", "--model", tiny_model, "--data", str(data), "--no-cot", "--full-finetune", "--lr", "1e-2",
         "--max-steps", "40", "--batch-size", "1", "--warmup-frac", "0", "--out", str(tmp / "run"), "--threads", "1")
     return data, tmp / "run", rec
@@ -37,11 +39,11 @@ def test_branches_match_a_full_forward_and_generate(tiny_model, small_data):
     recs = steps.read_steps(os.path.join(small_data[0], "alfworld_id_test.jsonl"))[:3]
     prompts = [steps.render_prompt(tok, r["messages"]) for r in recs]
     assert len({len(p) for p in prompts}) > 1  # different lengths: left padding is exercised
-    parts = [lm.encode_parts(tok, [p, "Action:", " " + r["action"]]) for p, r in zip(prompts, recs)]
-    state = lm.encode_prompts(model, [p[0] for p in parts], tok.pad_token_id)
+    parts = [decode.encode_parts(tok, [p, "Action:", " " + r["action"]]) for p, r in zip(prompts, recs)]
+    state = decode.encode_prompts(model, [p[0] for p in parts], tok.pad_token_id)
     branches = [{"row": i, "prefix": p[1], "target": p[2]} for i, p in enumerate(parts)]
     branches += [{"row": i, "prefix": p[1], "max_new": 6, "stop": "line"} for i, p in enumerate(parts)]
-    got = lm.run_branches(model, tok, state, branches, max_rows=4)  # 6 branches in 2 chunks
+    got = decode.run_branches(model, tok, state, branches, max_rows=4)  # 6 branches in 2 chunks
     for i, p in enumerate(parts):
         ids = torch.tensor([p[0] + p[1] + p[2]])
         with torch.no_grad():
@@ -60,7 +62,7 @@ def assert_same_branches(model, tok, parts, state_a, state_b):
     """Scoring and greedy branches of (prompt, prefix, target) parts give the same answers from both states."""
     branches = [{"row": i, "prefix": p[1], "target": p[2]} for i, p in enumerate(parts)]
     branches += [{"row": i, "prefix": p[1], "max_new": 5, "stop": "line"} for i, p in enumerate(parts)]
-    for x, y in zip(lm.run_branches(model, tok, state_a, branches), lm.run_branches(model, tok, state_b, branches)):
+    for x, y in zip(decode.run_branches(model, tok, state_a, branches), decode.run_branches(model, tok, state_b, branches)):
         if "logprobs" in x:
             assert x["logprobs"] == pytest.approx(y["logprobs"], abs=1e-4)
         else:
@@ -79,13 +81,13 @@ def test_reused_prompt_prefix_gives_the_same_branches(tiny_model, small_data):
         by_task.setdefault(r["task_id"], []).append(r)
     # Steps t and t+1 of two episodes: t+1's prompt extends t's (plus one with no cache at all).
     pairs = [(eps[0], eps[1]) for eps in by_task.values() if len(eps) > 1][:2]
-    first = [lm.encode_parts(tok, [steps.render_prompt(tok, a["messages"])])[0] for a, _ in pairs]
-    old = lm.encode_prompts(model, first, tok.pad_token_id)
-    nxt = [lm.encode_parts(tok, [steps.render_prompt(tok, b["messages"]), "Action:", " " + b["action"]]) for _, b in pairs]
-    nxt.append(lm.encode_parts(tok, [steps.render_prompt(tok, recs[-1]["messages"]), "Action:", " " + recs[-1]["action"]]))
-    reuse = [lm.prompt_cache(old, 0), lm.prompt_cache(old, 1), None]
-    fresh = lm.encode_prompts(model, [p[0] for p in nxt], tok.pad_token_id, share=False)
-    cached = lm.encode_prompts(model, [p[0] for p in nxt], tok.pad_token_id, reuse=reuse)
+    first = [decode.encode_parts(tok, [steps.render_prompt(tok, a["messages"])])[0] for a, _ in pairs]
+    old = decode.encode_prompts(model, first, tok.pad_token_id)
+    nxt = [decode.encode_parts(tok, [steps.render_prompt(tok, b["messages"]), "Action:", " " + b["action"]]) for _, b in pairs]
+    nxt.append(decode.encode_parts(tok, [steps.render_prompt(tok, recs[-1]["messages"]), "Action:", " " + recs[-1]["action"]]))
+    reuse = [decode.prompt_cache(old, 0), decode.prompt_cache(old, 1), None]
+    fresh = decode.encode_prompts(model, [p[0] for p in nxt], tok.pad_token_id, share=False)
+    cached = decode.encode_prompts(model, [p[0] for p in nxt], tok.pad_token_id, reuse=reuse)
     assert min(cached["reused"][:2]) > 100 and cached["reused"][2] == 0 and fresh["reused"] == [0, 0, 0]
     assert_same_branches(model, tok, nxt, fresh, cached)
 
@@ -100,13 +102,13 @@ def test_shared_system_prompt_and_length_groups_give_the_same_branches(tiny_mode
     recs = steps.read_steps(os.path.join(small_data[0], "alfworld_id_test.jsonl"))
     recs = sorted(recs, key=lambda r: len(steps.render_prompt(tok, r["messages"])))
     recs = recs[:2] + recs[-2:]  # the shortest and the longest prompts: more than one length group
-    parts = [lm.encode_parts(tok, [steps.render_prompt(tok, r["messages"]), "Action:", " " + r["action"]]) for r in recs]
+    parts = [decode.encode_parts(tok, [steps.render_prompt(tok, r["messages"]), "Action:", " " + r["action"]]) for r in recs]
     prompts = [p[0] for p in parts]
-    assert len(lm._length_groups([len(p) - lm._common_len(prompts) for p in prompts])) > 1
-    fast = lm.encode_prompts(model, prompts, tok.pad_token_id)
-    assert fast["reused"] == [lm._common_len(prompts)] * 4 and fast["reused"][0] >= lm.MIN_SHARED
-    monkeypatch.setattr(lm, "_length_groups", lambda lengths, **kw: [list(range(len(lengths)))])
-    plain = lm.encode_prompts(model, prompts, tok.pad_token_id, share=False)
+    assert len(decode._length_groups([len(p) - lm.common_len(prompts) for p in prompts])) > 1
+    fast = decode.encode_prompts(model, prompts, tok.pad_token_id)
+    assert fast["reused"] == [lm.common_len(prompts)] * 4 and fast["reused"][0] >= lm.MIN_SHARED
+    monkeypatch.setattr(decode, "_length_groups", lambda lengths, **kw: [list(range(len(lengths)))])
+    plain = decode.encode_prompts(model, prompts, tok.pad_token_id, share=False)
     assert_same_branches(model, tok, parts, plain, fast)
 
 

@@ -12,6 +12,7 @@ import os
 import pytest
 import torch
 
+import decode
 import lm
 import steps
 
@@ -80,11 +81,11 @@ def test_training_and_inference_see_the_same_prompt(family, small_data):
         n_prompt = kinds.index(lm.THOUGHT) if lm.THOUGHT in kinds else kinds.index(lm.TAG)
         assert all(k == lm.PROMPT for k in kinds[:n_prompt])
         # Inference renders the same prompt (steps.render_prompt) and tokenizes it with the tag that follows it
-        # (lm.encode_parts), as training did: a prompt ending in "\n\n" (Qwen3's think block, Llama's header)
+        # (decode.encode_parts), as training did: a prompt ending in "\n\n" (Qwen3's think block, Llama's header)
         # tokenizes differently alone than before a word, so tokenizing it alone would not match.
         prompt = steps.render_prompt(tok, rec["messages"])
         for tag in steps.tags():
-            assert lm.encode_parts(tok, [prompt, tag])[0] == ids[:n_prompt], (rec["id"], tag)
+            assert decode.encode_parts(tok, [prompt, tag])[0] == ids[:n_prompt], (rec["id"], tag)
         # The action mask is exact: the masked tokens spell the action, nothing more.
         action_pos = [i for i, k in enumerate(kinds) if k == lm.ACTION]
         assert tok.decode([ids[i] for i in action_pos]).strip() == rec["action"]
@@ -138,6 +139,6 @@ def test_the_templates_end_of_turn_stops_generation(family, tiny_model, small_da
     tag = tok(" Action:", add_special_tokens=False)["input_ids"]
     for token, should_end in ((lm.end_of_turn_id(tok), True), (tok.convert_tokens_to_ids("a"), False)):
         model.lm_head = FixedHead(len(tok), token)
-        state = lm.encode_prompts(model, [prompt_ids], tok.pad_token_id)
-        out = lm.run_branches(model, tok, state, [{"row": 0, "prefix": tag, "max_new": 4, "stop": "line"}])[0]
+        state = decode.encode_prompts(model, [prompt_ids], tok.pad_token_id)
+        out = decode.run_branches(model, tok, state, [{"row": 0, "prefix": tag, "max_new": 4, "stop": "line"}])[0]
         assert out["ended"] is should_end and (out["ids"] == [] if should_end else len(out["ids"]) == 4)

@@ -6,7 +6,9 @@ import shutil
 
 import pytest
 
+import jsonio
 import lm
+import sft
 import steps
 from conftest import run, torchrun, torchrun_failure
 
@@ -128,9 +130,9 @@ def test_outputs_are_readable_by_others(tmp_path):
     """Atomic writes go through mkstemp (mode 0600); the files they leave get the usual umask mode."""
     umask = os.umask(0o022)
     try:
-        steps.write_jsonl_atomic(tmp_path / "a.jsonl", [{"id": 1}])
-        steps.write_json_atomic(tmp_path / "a.json", {"x": 1})
-        steps.write_csv_atomic(tmp_path / "a.csv", [{"x": 1}])
+        jsonio.write_jsonl_atomic(tmp_path / "a.jsonl", [{"id": 1}])
+        jsonio.write_json_atomic(tmp_path / "a.json", {"x": 1})
+        jsonio.write_csv_atomic(tmp_path / "a.csv", [{"x": 1}])
     finally:
         os.umask(umask)
     for name in ("a.jsonl", "a.json", "a.csv"):
@@ -209,7 +211,7 @@ def test_shared_prefix_gives_the_per_step_gradient(tiny_model, small_data, lora)
         ids, labels, kinds = lm.encode_step(tok, rec, mask_action=i % 3 == 0)
         examples.append({"ids": ids, "labels": labels, "kinds": kinds, "episode": rec["task_id"]})
     batch = list(range(len(examples)))
-    groups = lm.shared_prefixes(examples, batch)
+    groups = sft.shared_prefixes(examples, batch)
     shared = [(p, m) for p, m in groups if p]
     assert len(shared) >= 3 and all(len(m) > 1 and p >= lm.MIN_SHARED for p, m in shared)
     for p, members in shared:  # the prefix is common to all members and ends before any response token
@@ -224,7 +226,7 @@ def test_shared_prefix_gives_the_per_step_gradient(tiny_model, small_data, lora)
             model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False,
                                                      target_modules=lora.split(",")))
         model.train()
-        sums = lm.batch_backward(model, examples, batch, n_sup, tok.pad_token_id, max_tokens=300, share_prefix=share)
+        sums = sft.batch_backward(model, examples, batch, n_sup, tok.pad_token_id, max_tokens=300, share_prefix=share)
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
         results.append((sums, grads))
     (plain, g_plain), (fast, g_fast) = results

@@ -13,7 +13,6 @@ import time
 import pytest
 
 import envs
-import steps
 from conftest import ROOT, run
 from test_bad_input import check_fails_cleanly, snapshot
 
@@ -44,8 +43,8 @@ def tiny_run(tiny_model, small_data, tmp_path_factory):
 
 def hold_lock(path, is_file=False):
     """Another process holding an output's lock, as a running stage would."""
-    code = (f"import sys; sys.path.insert(0, {ROOT!r}); import steps, time\n"
-            f"steps.claim_output({str(path)!r}, sys.exit, is_file={is_file}); print('held', flush=True); time.sleep(120)")
+    code = (f"import sys; sys.path.insert(0, {ROOT!r}); import provenance, time\n"
+            f"provenance.claim_output({str(path)!r}, sys.exit, is_file={is_file}); print('held', flush=True); time.sleep(120)")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "held"
     return proc
