@@ -6,6 +6,7 @@ import glob
 import json
 import os
 import re
+import sys
 
 def checkpoint_step(ckpt):
     """Training step of a checkpoint folder: train.py's meta.json, else the HF Trainer's / TRL's
@@ -140,3 +141,23 @@ def base_model(given, checkpoints, default="smollm2-135m"):
                 raise ValueError(f"{path} names base model {base!r}, which is not there; pass --model with its folder")
             return base  # a hub id
     return default
+
+
+def series_of_all(folders, flag, last_only=False):
+    """checkpoint_series of every folder given to one flag: a folder given twice (also through another path or a
+    symlink) is taken once, with a note on stderr; two different runs whose checkpoints would get one name (a/run,
+    b/run) are a ValueError naming both, since their records would share ids and pool as one run."""
+    out, seen, names = [], {}, {}
+    for folder in folders:
+        real = os.path.realpath(folder)
+        if real in seen:
+            print(f"note: {flag} {folder} is {seen[real]} again; taken once", file=sys.stderr)
+            continue
+        seen[real] = folder
+        for name, step, ckpt in checkpoint_series(folder, last_only):
+            if name in names:
+                raise ValueError(f"{flag}: {names[name]} and {folder} both give checkpoint {name!r}: two runs with one "
+                                 f"folder name would share record ids; give them separate --out, or rename one")
+            names[name] = folder
+            out.append((name, step, ckpt))
+    return out

@@ -48,7 +48,9 @@ def conversation_turns(item, loc):
             at = j + bool(system)
             raise jsonio.DataError(f"{loc}: conversations[{at}] is a {who} turn; turns must alternate "
                                   f"human, gpt, human, ... starting with human")
-    if system and turns:
+    if not turns:
+        raise jsonio.DataError(f"{loc}: no human turn (only a system turn)")
+    if system:
         turns[0] = ("human", system + turns[0][1])
     return turns
 
@@ -63,16 +65,13 @@ def read_items(path):
         items = json.loads(data)
         items = items if isinstance(items, list) else [items]
         return [(f"{path}: item {i + 1}", item) for i, item in enumerate(items)]
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # not one JSON document: JSONL, read line by line
         pass
     out = []
     for lineno, raw in enumerate(data.split(b"\n"), 1):
         line = jsonio.decode_line(raw, path, lineno)
         if line.strip():
-            try:
-                out.append((f"{path}:{lineno}", json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise jsonio.DataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+            out.append((f"{path}:{lineno}", jsonio.parse_json(line, f"{path}:{lineno}")))
     return out
 
 
@@ -89,6 +88,8 @@ def episode_turns(turns, loc):
         thought, action = steps.parse_response(reply)
         if action is None or not thought:
             raise jsonio.DataError(f"{loc}: gpt turn {t + 1} has no 'Thought:' and 'Action:' lines")
+        if not action:
+            raise jsonio.DataError(f"{loc}: gpt turn {t + 1} has an empty action")
         replies.append((thought, action))
     return humans, replies
 

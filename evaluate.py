@@ -28,7 +28,6 @@ the paired CoT-minus-prompt difference on the same tasks), meta.json. One record
 """
 import argparse
 import collections
-import glob
 import json
 import math
 import os
@@ -95,7 +94,7 @@ import provenance  # noqa: E402
 import stats  # noqa: E402
 import steps  # noqa: E402
 
-cli.exit_on_signals()
+cli.exit_cleanly()
 HERE = os.path.dirname(os.path.abspath(__file__))
 # context_exceeded: the episode ended because its next prompt no longer fit the context (a loss of its own)
 METRICS = ["won", "score", "steps", "invalid_rate", "agreement", "context_exceeded"]
@@ -111,13 +110,13 @@ def fail(msg):
 def load_tasks():
     """Task dicts of the test episodes named by the step data, per env and split, in file order."""
     import envs
-    splits = args.split.split(",")
+    splits = cli.comma_list(args.split, "--split")
     for s in splits:
         if s not in ("id_test", "ood_test"):
             fail(f"--split: unknown split {s!r}; expected id_test and/or ood_test")
     # all: the environments the data folder has test episodes of
     want_envs = [e for e in steps.ENVS if any(os.path.exists(os.path.join(args.data, f"{e}_{s}.jsonl")) for s in splits)] \
-        if args.env == "all" else args.env.split(",")
+        if args.env == "all" else cli.comma_list(args.env, "--env")
     if not want_envs:
         fail(f"{args.data}: no <env>_<split>.jsonl test files for --env all (make them with make_data.py, or pass --data)")
     for e in want_envs:
@@ -378,7 +377,6 @@ def parse_mode(mode, text):
 # ----------------------------------------------------------------------------- the lockstep loop
 
 def run_checkpoint(ckpt, episodes, policy, workers, fout):
-    rng = random.Random(f"random-policy/{args.seed}")
     queue = list(episodes)
     slots = [None] * len(workers)
     log_both = not args.no_log_both and args.policy == "model"
@@ -456,7 +454,8 @@ def run_checkpoint(ckpt, episodes, policy, workers, fout):
             if args.policy == "expert":
                 action, entry = (ep["plan"][t] if t < len(ep["plan"]) else "look"), {}
             elif args.policy == "random":
-                action = random_action(ep, rng)
+                # a generator per episode and step: the same draws whatever --num-envs, the order or a resume
+                action = random_action(ep, random.Random(f"random-policy/{args.seed}/{ep['task_id']}/{t}"))
                 entry = {}
             else:
                 action = parse_mode(ep["mode"], out[ep["mode"]])
@@ -508,11 +507,10 @@ def checkpoint_list():
     for item in args.adapter:
         if not os.path.isdir(item):
             fail(f"adapter folder not found: {item}")
-        try:
-            out += checkpoint_io.checkpoint_series(item, last_only=not args.all_checkpoints)
-        except ValueError as e:
-            fail(str(e))
-    return out
+    try:
+        return out + checkpoint_io.series_of_all(args.adapter, "--adapter", last_only=not args.all_checkpoints)
+    except ValueError as e:
+        fail(str(e))
 
 
 def latest(records):
@@ -566,8 +564,8 @@ if not tasks:
 modes = ["prompt", "cot"] if args.mode == "both" else [args.mode]
 if args.policy != "model":
     modes = [args.policy]
-model_path, dtype, rank, world = None, None, 0, int(os.environ.get("WORLD_SIZE", "1"))
-if args.policy == "model" or world > 1:
+model_path, dtype, rank, world = None, None, 0, 1
+if args.policy == "model" or os.environ.get("WORLD_SIZE", "1") != "1":
     import torch
 
     import lm
@@ -576,7 +574,10 @@ if args.policy == "model" or world > 1:
     device, dtype = lm.pick_device(args.device) if args.policy == "model" else ("cpu", None)
     # Under torchrun each process plays every world-th episode with its own workers and appends to its own
     # part file; the first process checks the output folder before the others start and merges at the end.
-    rank, world, device = lm.distributed(device)
+    try:
+        rank, world, device = lm.distributed(device)
+    except ValueError as err:
+        fail(str(err))
 if args.policy == "model":
     try:
         args.model, model_path, tok = lm.load_base(args.model, [c for _, _, c in ckpts if c])

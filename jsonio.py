@@ -24,10 +24,7 @@ def read_jsonl_lines(path, required=()):
             line = decode_line(raw, path, lineno)
             if not line.strip():
                 continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+            rec = parse_json(line, f"{path}:{lineno}")
             if not isinstance(rec, dict):
                 raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
             for field in required:
@@ -36,6 +33,19 @@ def read_jsonl_lines(path, required=()):
             records.append((lineno, rec))
     return records
 
+
+
+def parse_json(text, where, hint=""):
+    """json.loads, with every way a text can fail to parse as one DataError naming where: bad syntax, an integer
+    past Python's 4,300-digit limit, nesting deeper than the parser's recursion limit."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno}){hint}") from None
+    except ValueError as e:  # an integer too long to convert
+        raise DataError(f"{where}: not usable JSON ({e}){hint}") from None
+    except RecursionError:
+        raise DataError(f"{where}: not usable JSON (nested too deep){hint}") from None
 
 def decode_line(raw, path, lineno):
     try:
@@ -68,33 +78,33 @@ def _mkstemp(folder, suffix):
     return fd, tmp
 
 
-def write_jsonl_atomic(path, records):
-    """Write all records or nothing: a temp file in the same folder, then rename over the target."""
+def write_text_atomic(path, text):
+    """Write text whole or not at all: a temp file in the same folder, then a rename over the target. A refused
+    write (disk full, permissions) is an OSError naming path, and the target keeps what it held."""
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = _mkstemp(folder, ".jsonl")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = _mkstemp(folder, os.path.splitext(path)[1])
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, path) from None
     try:
         with os.fdopen(fd, "w") as f:
-            for rec in records:
-                f.write(json.dumps(rec, ensure_ascii=False, sort_keys=True) + "\n")
+            f.write(text)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise OSError(e.errno, e.strerror, path) from None
         raise
+
+
+def write_jsonl_atomic(path, records):
+    """Write all records or nothing (write_text_atomic)."""
+    write_text_atomic(path, "".join(json.dumps(rec, ensure_ascii=False, sort_keys=True) + "\n" for rec in records))
 
 
 def write_json_atomic(path, obj):
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = _mkstemp(folder, ".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1, sort_keys=True)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    write_text_atomic(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")
 
 
 def umask_mode(path):
@@ -126,11 +136,8 @@ def read_done(path):
     for lineno, raw in enumerate(data[:end].split(b"\n"), 1):
         line = decode_line(raw, path, lineno)
         if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as e:  # damage other than a torn last line: never guess, never overwrite
-                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}); "
-                                f"fix or remove that line to resume") from None
+            # damage other than a torn last line: never guess, never overwrite
+            records.append(parse_json(line, f"{path}:{lineno}", "; fix or remove that line to resume"))
     return records
 
 
@@ -167,10 +174,13 @@ def merge_parts(path, order):
 
 
 def append_jsonl(f, records):
-    """Append and flush, so a kill loses at most the record being written."""
-    for rec in records:
-        f.write(json.dumps(rec, ensure_ascii=False, sort_keys=True) + "\n")
-    f.flush()
+    """Append and flush, so a kill loses at most the record being written (a refused write: an OSError naming f)."""
+    try:
+        for rec in records:
+            f.write(json.dumps(rec, ensure_ascii=False, sort_keys=True) + "\n")
+        f.flush()
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, f.name) from None
 
 
 def write_csv_atomic(path, rows):
@@ -184,13 +194,4 @@ def write_csv_atomic(path, rows):
     writer = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = _mkstemp(folder, ".csv")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(buf.getvalue())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    write_text_atomic(path, buf.getvalue())

@@ -91,10 +91,22 @@ def pick_device(name):
     return name, dtype
 
 
+def world_size():
+    """The number of processes torchrun started (1 in a plain run). ValueError (one line) where WORLD_SIZE says
+    several but the rendezvous torchrun sets beside it is missing: a WORLD_SIZE left in the shell, not torchrun."""
+    raw = os.environ.get("WORLD_SIZE", "1")
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"WORLD_SIZE={raw!r} is not a process count; unset it, or start the run with torchrun")
+    missing = [v for v in ("RANK", "MASTER_ADDR", "MASTER_PORT") if int(raw) > 1 and v not in os.environ]
+    if missing:
+        raise ValueError(f"WORLD_SIZE={raw} is set but {', '.join(missing)} not: start multi-process runs with torchrun "
+                         f"(torchrun --nproc_per_node {raw} ...), or unset WORLD_SIZE")
+    return int(raw)
+
 def distributed(device):
     """(rank, world, device) under torchrun (WORLD_SIZE > 1): a gloo (CPU) or nccl (CUDA) process group, and on
     CUDA this process's GPU, cuda:LOCAL_RANK (as train.py picks it); (0, 1, device) in a plain run."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = world_size()
     if world == 1:
         return 0, 1, device
     import torch.distributed as dist
@@ -210,19 +222,54 @@ def common_len(seqs):
 
 
 def load_model(path, adapter, device, dtype):
-    """The causal LM of `path`, with a PEFT adapter folder merged in (None = the base model), eval mode."""
+    """The causal LM of `path`, with a PEFT adapter folder merged in (None = the base model), eval mode.
+    ValueError (one line naming the checkpoint) for an adapter that does not fit the model whole (missing,
+    extra or misshapen tensors: PEFT would fill the gaps with fresh random weights and only warn), and for
+    weights whose forward pass gives non-finite log-probabilities (a diverged run that stayed finite)."""
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     if adapter:
         if os.path.exists(os.path.join(adapter, "adapter_config.json")):
-            from peft import PeftModel
-            model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+            model = load_whole_adapter(model, adapter).merge_and_unload()
         else:  # a --full-finetune checkpoint is a whole model folder
             model = AutoModelForCausalLM.from_pretrained(adapter, dtype=dtype)
         # A diverged run's weights would give records and episodes that look like an ordinary weak model's.
         if not all(torch.isfinite(p).all() for p in model.parameters()):
             raise ValueError(f"{adapter}: non-finite weights (a diverged training run?); not probed or rolled out")
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    with torch.no_grad():  # a few tokens through the whole model: weights far beyond any trained scale overflow here
+        logits = model(torch.tensor([[1, 2, 3, 4, 5]], device=device)).logits
+    if not torch.isfinite(torch.log_softmax(logits.float(), -1)).all():
+        raise ValueError(f"{adapter or path}: non-finite log-probabilities on a forward pass (a diverged training run?); "
+                         f"not probed or rolled out")
+    return model
+
+
+def load_whole_adapter(model, adapter):
+    """PeftModel of `model` with the adapter folder loaded, its tensors exactly those the adapter's config
+    makes (same names, same shapes); ValueError naming the weights file otherwise."""
+    from peft import PeftModel, get_peft_model_state_dict
+    path = os.path.join(adapter, "adapter_model.safetensors")
+    if os.path.exists(path):
+        from safetensors.torch import load_file
+        saved = load_file(path)
+    else:
+        path = os.path.join(adapter, "adapter_model.bin")
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        peft_model = PeftModel.from_pretrained(model, adapter)
+    except RuntimeError as e:  # torch's "size mismatch for ..." when a tensor has another shape
+        first = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), str(e).splitlines()[0])
+        raise ValueError(f"{path}: does not fit the model its adapter_config.json describes ({first})") from None
+    wanted = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(peft_model).items()}
+    have = {k: tuple(v.shape) for k, v in saved.items()}
+    missing, extra = sorted(set(wanted) - set(have)), sorted(set(have) - set(wanted))
+    bad_shape = sorted(k for k in set(wanted) & set(have) if wanted[k] != have[k])
+    for what, keys in (("missing", missing), ("unexpected", extra), ("misshapen", bad_shape)):
+        if keys:
+            raise ValueError(f"{path}: {len(keys)} {what} adapter tensor(s), e.g. {keys[0]}; a partial adapter would "
+                             f"load with random weights in the gaps")
+    return peft_model
 
 
 def end_of_turn_id(tok):

@@ -54,7 +54,7 @@ import jsonio  # noqa: E402
 import provenance  # noqa: E402
 import steps  # noqa: E402
 
-cli.exit_on_signals()
+cli.exit_cleanly()
 
 # Verb phrases that take more than one word; any other action's verb is its first word.
 VERBS = ("open door to", "go to", "teleport to", "pick up", "put down", "focus on", "look at", "look around")
@@ -109,8 +109,7 @@ def expand(patterns):
 
 
 def keep(trace):
-    words = trace.split()
-    return " ".join(words[:max(1, round(args.keep_frac * len(words)))])
+    return steps.first_words(trace, args.keep_frac, at_least=1)
 
 
 methods = args.methods.split(",")

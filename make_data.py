@@ -62,7 +62,7 @@ import jsonio
 import provenance
 import steps
 
-cli.exit_on_signals()
+cli.exit_cleanly()
 
 parser = argparse.ArgumentParser(
     description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -651,7 +651,7 @@ def main():
               + "".join(f"; {k}: {v}" for k, v in summary.items() if k not in ("kept", "trajectories", "steps",
                                                                                "replayed_in_games")))
         return
-    names = list(steps.ENVS) if args.env == "all" else args.env.split(",")
+    names = list(steps.ENVS) if args.env == "all" else cli.comma_list(args.env, "--env")
     for name in names:
         if name not in steps.ENVS:
             sys.exit(f"error: unknown environment {name!r} in --env; expected {', '.join(steps.ENVS)} or all")

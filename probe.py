@@ -103,7 +103,7 @@ import provenance  # noqa: E402
 import stats  # noqa: E402
 import steps  # noqa: E402
 
-cli.exit_on_signals()
+cli.exit_cleanly()
 
 PROBE_METRICS = ["prompt_correct", "cot_correct", "consistent", "cot_tag_missing", "helpful", "harmful", "neutral",
                  "ll_prompt_sum", "ll_prompt_mean", "ll_thought_sum", "ll_thought_mean", "ll_own_sum", "ll_own_mean",
@@ -120,11 +120,10 @@ def checkpoint_list():
     """[(name, step, checkpoint folder or None)] in training order (checkpoint_io.list_checkpoints); every checkpoint
     is checked (lm.check_checkpoint) before the first model state is probed."""
     out = [] if args.no_base else [("base", 0, None)]
-    for item in args.checkpoints:
-        try:
-            out += checkpoint_io.checkpoint_series(item)
-        except ValueError as e:
-            fail(str(e))
+    try:
+        out += checkpoint_io.series_of_all(args.checkpoints, "--checkpoints")
+    except ValueError as e:
+        fail(str(e))
     if not out:
         fail("nothing to probe: give --checkpoints or drop --no-base")
     return out
@@ -167,11 +166,6 @@ def load_records(kind):
 
 def ll(logprobs):
     return round(sum(logprobs), 4), round(sum(logprobs) / max(1, len(logprobs)), 4)
-
-
-def truncate_words(text, frac):
-    words = text.split()
-    return " ".join(words[:round(frac * len(words))])
 
 
 def thought_prefix(thought):
@@ -226,8 +220,8 @@ def probe_batch(model, tok, recs):
         for f in fracs:
             ctx = "thought" if f >= 1 else "prompt"
             if f < 1:  # f = 1 is the full reference thought, scored above
-                add(i, ("trunc_ll", f), thought_prefix(truncate_words(rec["thought"], f)), rec["action"])
-            add(i, ("trunc_gen", f), thought_prefix(truncate_words(rec["thought"], f)), max_new=args.max_action_tokens,
+                add(i, ("trunc_ll", f), thought_prefix(steps.first_words(rec["thought"], f)), rec["action"])
+            add(i, ("trunc_gen", f), thought_prefix(steps.first_words(rec["thought"], f)), max_new=args.max_action_tokens,
                 stop="line", ctx=ctx)
         cands = [c for c in (rec.get("candidates") or []) if c != rec["action"]]
         if not args.no_candidates and cands:
@@ -378,7 +372,10 @@ if args.dtype != "auto":
 # Under torchrun each process takes every world-th batch (the batches are those of one process, so each
 # record is computed as it would be alone) and appends to its own part file; the first process checks the
 # output folder before the others start, and merges the parts at the end.
-rank, world, device = lm.distributed(device)
+try:
+    rank, world, device = lm.distributed(device)
+except ValueError as e:
+    fail(str(e))
 ckpts = checkpoint_list()
 if args.conflicts_out and not args.conflicts:
     fail("--conflicts-out needs --conflicts")

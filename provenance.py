@@ -31,10 +31,33 @@ def folder_digest(folder):
     import hashlib
     h = hashlib.sha256()
     for name in sorted(os.listdir(folder)):
-        if name.endswith((".safetensors", ".bin")) and name != "training_args.bin" or name in ("config.json", "adapter_config.json"):
+        if name == "adapter_config.json":
+            h.update(f"{name}:{adapter_config_digest(os.path.join(folder, name))};".encode())
+        elif name.endswith((".safetensors", ".bin")) and name != "training_args.bin" or name == "config.json":
             h.update(f"{name}:{file_digest(os.path.join(folder, name))};".encode())
     return h.hexdigest()
 
+
+
+# Config fields that PEFT keeps as sets and writes in set order (which changes with Python's hash seed).
+SET_VALUED = ("target_modules", "modules_to_save", "exclude_modules")
+
+
+def adapter_config_digest(path):
+    """sha256 of a PEFT adapter_config.json by what it says, not by the order PEFT wrote a set in: rewritten as PEFT
+    writes it (indent 2, keys sorted) with its set-valued lists sorted, so two saves of one run give one identity
+    (and a file already in that order keeps its plain sha256); a file that is not JSON is taken by its bytes."""
+    import hashlib
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except (ValueError, RecursionError):
+        return file_digest(path)
+    if isinstance(config, dict):
+        for key in SET_VALUED:
+            if isinstance(config.get(key), list):
+                config[key] = sorted(config[key], key=str)
+    return hashlib.sha256(json.dumps(config, indent=2, sort_keys=True).encode()).hexdigest()
 
 def model_identity(path):
     """What a base model is, for made_from: a local folder by content, a hub id by name."""
@@ -49,9 +72,10 @@ def claim_output(path, fail, is_file=False):
     line, not a traceback, when that or writing there fails, or when the path is of the other kind), then one
     writer only: an exclusive flock on .<name>.lock beside it (outside an output folder, whose listing stays
     the outputs'), held until this process exits. A second process on the same output gets fail(one line
-    naming the holder); the kernel drops a killed process's lock, so none blocks a rerun."""
+    naming the holder), also through a symlink (the lock belongs to the resolved path); the kernel drops a killed
+    process's lock, so none blocks a rerun."""
     import fcntl
-    path = os.path.abspath(path)
+    path = os.path.realpath(path)  # the real folder: a symlink to it is the same output, with the same lock
     if is_file and os.path.isdir(path):
         fail(f"{path}: is a folder; give --out a file path")
     if not is_file and os.path.exists(path) and not os.path.isdir(path):
@@ -75,6 +99,26 @@ def claim_output(path, fail, is_file=False):
     os.write(fd, f"pid {os.getpid()} ({os.path.basename(sys.argv[0])}, since {time.strftime('%Y-%m-%d %H:%M:%S')})".encode())
     _LOCKS.append(fd)
 
+
+
+def lock_holder(path):
+    """Who holds the one-writer lock of an output (claim_output's), or None: so a reader can refuse an output that
+    is still being written. A shared lock, taken and dropped at once, never blocks the writer for long."""
+    import fcntl
+    path = os.path.realpath(path)
+    lock = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.lock")
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    except OSError:
+        return os.read(fd, 4096).decode(errors="replace").strip() or "another process"
+    finally:
+        os.close(fd)
 
 def check_made_from(meta_path, made_from, results, fail):
     """An output belongs to one configuration. made_from = {"settings": {...}, "inputs": {...}, "checkpoints":

@@ -50,7 +50,7 @@ import jsonio  # noqa: E402
 import provenance  # noqa: E402
 import stats  # noqa: E402
 
-cli.exit_on_signals()
+cli.exit_cleanly()
 
 OUT = os.path.join(args.results, "report")
 SPLITS = ("id_test", "ood_test")
@@ -133,6 +133,11 @@ def run_info(folder):
     return config, info
 
 
+# (k, seed, env) -> {run identity: where}, and "base" -> {base model identity: where}, over every kind loaded: the
+# tables key runs by k and seed, so two runs there (or two base models) would be pooled or one of them dropped.
+TABLE_KEYS = {}
+
+
 def load(kind, filename):
     """All records of <results>/<kind>/*/<filename>, each tagged with run (its label), k and seed.
 
@@ -148,6 +153,9 @@ def load(kind, filename):
                  f"rerun that command to finish and merge them")
         if not os.path.exists(path):
             continue
+        holder = provenance.lock_holder(folder)
+        if holder:
+            fail(f"{folder} is still being written by {holder}; report it when that run has ended")
         config, info = run_info(folder)
         try:
             numbered = jsonio.read_jsonl_lines(path, required=("id", "checkpoint"))
@@ -174,6 +182,14 @@ def load(kind, filename):
                          f"and the same checkpoint weights; keep one of them")
                 continue  # a copy of a folder already pooled: counted once
             seen[key] = (folder, r)
+            table_key = "base" if i["run"] == "base" else (i["k"], i["seed"], r.get("env")) if i["k"] is not None else None
+            same = TABLE_KEYS.setdefault(table_key, {}) if table_key else {}
+            same.setdefault(i["ckpt"] if i["run"] == "base" else i["run"], f"{i['label']} in {folder}")
+            if len(same) > 1:
+                a, b = sorted(same.values())[:2]
+                fail(f"two base models ({a}; {b}) would be one 'base' row" if i["run"] == "base" else
+                     f"two runs with k={i['k']}, seed {i['seed']} on {r.get('env')} but other settings or data ({a}; {b}) "
+                     f"would be one row of every table; report them from separate --results")
             configs.setdefault((i["run"], i["ckpt"]), {}).setdefault(config, folder)
             labels.setdefault(i["label"], {}).setdefault(i["run"], i.get("path"))
             recs.append(dict(r, run=i["run"], label=i["label"], k=i["k"], seed=i["seed"]))

@@ -108,6 +108,14 @@ def first_line(text):
     return ""
 
 
+def first_words(text, frac, at_least=0):
+    """text cut after its first max(at_least, round(frac * n)) of its n words, as the text has them: the spaces,
+    tabs and newlines between those words kept (ETO's thoughts span lines), so every cut is a prefix of the
+    text; all n words give the whole text, trailing whitespace included."""
+    ends = [m.end() for m in re.finditer(r"\S+", text)]
+    keep = max(at_least, round(frac * len(ends)))
+    return text if keep >= len(ends) else text[:ends[keep - 1]] if keep else ""
+
 def normalize_action(action):
     """Exact-match key: lower case, single spaces, no trailing period."""
     if action is None:
@@ -183,6 +191,8 @@ def check_step(rec, where):
     for field in ("id", "env", "task_type", "split", "thought", "action"):
         if not isinstance(rec[field], str):
             raise DataError(f"{where}: field '{field}' must be a string, got {type(rec[field]).__name__}")
+    if not rec["action"].strip():
+        raise DataError(f"{where}: field 'action' is empty")
     if rec["split"] not in SPLITS:
         raise DataError(f"{where}: field 'split' is {rec['split']!r}, expected one of {', '.join(SPLITS)}")
     if rec["env"] not in ENVS:

@@ -32,6 +32,9 @@ import time
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 # data
 parser.add_argument("--data", nargs="+", default=["data/generated/*_train.jsonl"], help="step JSONL files or globs (sorted)")
+parser.add_argument("--any-split", action="store_true",
+                    help="train on steps of every split, test splits included (a memorization probe); without it, "
+                         "steps whose split is not 'train' are refused")
 parser.add_argument("--max-examples", type=int, default=0, help="use only the first N examples after a seeded shuffle (0 = all)")
 parser.add_argument("--max-len", type=int, default=2048, help="tokens per example; longer examples are an error")
 # objective
@@ -91,7 +94,7 @@ import provenance  # noqa: E402
 import sft  # noqa: E402
 import steps  # noqa: E402
 
-cli.exit_on_signals()
+cli.exit_cleanly()
 
 
 def fail(msg):
@@ -107,6 +110,11 @@ def load_examples(tok):
     records = steps.read_steps_files(files)
     if not records:
         fail(f"no training records in {', '.join(files)}")
+    held_out = sorted({r["split"] for r in records} - {"train"})
+    if held_out and not args.any_split:  # e.g. --data 'DATA/*.jsonl', which also matches the test files
+        first = next(r for r in records if r["split"] != "train")
+        fail(f"--data holds {sum(r['split'] != 'train' for r in records)} steps of the {', '.join(held_out)} split(s) "
+             f"(first: {first['id']}); train on the train split (DATA/*_train.jsonl), or pass --any-split on purpose")
     data_rng = random.Random(args.seed)
     if args.max_examples:
         data_rng.shuffle(records)
@@ -170,6 +178,10 @@ def save_checkpoint(model, tok, optimizer, step, epoch, data_hashes):
     """Write to a hidden temp folder, then rename: a kill never leaves a half checkpoint."""
     if not all(torch.isfinite(p).all() for p in params):
         fail(f"training diverged by step {step}: non-finite weights (lower --lr?); not saved")
+    largest = max(float(p.detach().abs().max()) for p in params)
+    if largest > WEIGHT_LIMIT:
+        fail(f"training diverged by step {step}: weights up to {largest:.3g}, past 1000x the largest weight of the model "
+             f"as built ({WEIGHT_LIMIT / 1000:.3g}) (lower --lr?); not saved")
     name = f"checkpoint-{step:06d}"
     final = os.path.join(out_dir, name)
     tmp = os.path.join(out_dir, f".tmp-{name}")
@@ -177,7 +189,7 @@ def save_checkpoint(model, tok, optimizer, step, epoch, data_hashes):
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     torch.save({"optimizer": optimizer.state_dict(), "step": step, "epoch": epoch,
-                "torch_rng": torch.get_rng_state(),
+                "torch_rng": torch.get_rng_state(), "log_acc": dict(acc),  # the sums of the log line in progress
                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
                os.path.join(tmp, "training_state.pt"))
     import importlib.metadata as md
@@ -245,13 +257,19 @@ if any(x < 1 for x in save_steps):
     fail(f"--save-steps must list steps >= 1, got {args.save_steps!r}")
 if args.threads:
     torch.set_num_threads(args.threads)
-out_dir = args.out.format(k=args.mask_action_frac, seed=args.seed)
+try:
+    out_dir = args.out.format(k=args.mask_action_frac, seed=args.seed)
+except (KeyError, IndexError, ValueError) as e:  # '{name}', '{0}', a lone brace: a name to keep as it is needs {{ }}
+    fail(f"--out {args.out!r}: only {{k}} and {{seed}} are filled in ({type(e).__name__}: {e}); write a literal brace as {{{{ or }}}}")
 device, dtype = lm.pick_device(args.device)
 args.micro_batch_tokens = args.micro_batch_tokens or (4096 if device.startswith("cuda") else 512)
 
 # Under torchrun each process takes a slice of every batch; gradients are summed across processes
 # after the micro-batches (no DDP wrapper: slices may differ in micro-batch count). Rank 0 writes.
-world = int(os.environ.get("WORLD_SIZE", "1"))
+try:
+    world = lm.world_size()
+except ValueError as e:
+    fail(str(e))
 rank = int(os.environ.get("RANK", "0"))
 if world > 1:
     import torch.distributed as dist
@@ -302,6 +320,10 @@ if args.init_adapter:
 if main_process:  # one writer per run folder, before anything is trained (or written) there
     provenance.claim_output(out_dir, fail)
 params = [p for p in model.parameters() if p.requires_grad]
+# Divergence that stays finite (a huge --lr) is caught by what it does: weights past 1000x the largest weight of the
+# model as built, or a batch loss past 3x that of a uniform guess over the vocabulary (ln V nats per token).
+WEIGHT_LIMIT = 1000 * max(float(p.detach().abs().max()) for p in model.parameters())
+LOSS_LIMIT = 3 * math.log(model.get_output_embeddings().weight.shape[0])
 optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
 
 batches_per_epoch = math.ceil(len(examples) / args.batch_size)
@@ -351,6 +373,8 @@ if main_process and os.path.exists(metrics_path):
     kept = [r for r in jsonio.read_done(metrics_path) if r.get("step", 0) <= step]
     jsonio.write_jsonl_atomic(metrics_path, kept)
 acc = {"loss": 0.0, "n": 0, "action": 0.0, "n_action": 0, "thought": 0.0, "n_thought": 0, "tokens": 0, "computed": 0}
+if args.resume and step and state.get("log_acc"):  # so the next log line averages the same steps as an unbroken run's
+    acc.update(state["log_acc"])
 t_log = time.time()
 t_start = time.time()
 run_tokens = 0  # the examples' (unpadded) tokens trained on by this process, for the final throughput
@@ -379,9 +403,13 @@ while step < total_steps:
                 p.grad = torch.zeros_like(p)
             dist.all_reduce(p.grad)
     norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip or float("inf"))
-    if not (math.isfinite(sums.get("loss", 0.0)) and torch.isfinite(norm)):
+    loss_sum = torch.tensor(sums.get("loss", 0.0), dtype=torch.float64, device=device)
+    if world > 1:  # the whole batch's loss, so every process takes the same decision below
+        dist.all_reduce(loss_sum)
+    batch_loss = loss_sum.item() / max(1, n_sup)
+    if not (math.isfinite(batch_loss) and torch.isfinite(norm)) or batch_loss > LOSS_LIMIT:
         # A diverged run must not leave checkpoints that later stages would read as a trained model.
-        fail(f"training diverged at step {step + 1}: loss {sums.get('loss', 0.0) / max(1, n_sup):.4g}, gradient norm "
+        fail(f"training diverged at step {step + 1}: loss {batch_loss:.4g} (limit {LOSS_LIMIT:.3g}: 3x a uniform guess), gradient norm "
              f"{norm.item():.4g} (lower --lr?); nothing saved after {latest_checkpoint() or 'the start'}")
     optimizer.step()
     step += 1

@@ -270,3 +270,108 @@ def test_resume_stops_at_a_damaged_line_mid_file(tiny_model, small_data, tmp_pat
     before = snapshot(records, out / "summary.csv")
     proc = run(*argv, check=False)
     check_fails_cleanly(proc, [f"{records}:2", "not valid JSON"], before)
+
+
+# ----------------------------------------------------------------------------- what used to be a traceback
+
+@pytest.mark.parametrize("kind", ["huge_int", "deep_array", "empty_action"])
+@pytest.mark.parametrize("script", ["train.py", "probe.py", "make_conflicts.py"])
+def test_json_past_the_parsers_limits_is_one_line(script, kind, tiny_model, small_data, tmp_path):
+    good = good_steps(small_data)
+    path = tmp_path / "x_train.jsonl"
+    lines = [json.dumps(dict(r, split="train")) for r in good]
+    if kind == "huge_int":
+        lines[1] = lines[1][:-1] + ', "n": ' + "9" * 5001 + "}"
+        expected = [f"{path}:2", "JSON"]
+    elif kind == "deep_array":
+        lines[1] = "[" * 100_000 + "]" * 100_000
+        expected = [f"{path}:2", "JSON"]
+    else:
+        lines[1] = json.dumps(dict(good[1], split="train", action=" "))
+        expected = [f"{path}:2", "'action'", "empty"]
+    path.write_text("".join(line + "\n" for line in lines))
+    out = tmp_path / "out"
+    argv = {"train.py": ["--model", tiny_model, "--max-steps", "1", "--threads", "1"],
+            "probe.py": ["--model", tiny_model, "--threads", "1"],
+            "make_conflicts.py": ["--pool", os.path.join(small_data[0], "alfworld_train.jsonl")]}[script]
+    proc = run(script, "--data", str(path), *argv, "--out", str(out / "o.jsonl" if script == "make_conflicts.py" else out),
+               check=False)
+    check_fails_cleanly(proc, expected, {})
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("kind", ["system_only", "empty_action", "huge_int", "deep_array"])
+def test_import_eto_items_past_the_parser_or_without_turns(kind, tmp_path):
+    good = {"id": "ep0", "conversations": [
+        {"from": "human", "value": "Interact with a household."}, {"from": "gpt", "value": "OK"},
+        {"from": "human", "value": "You are in a room. Your task is to: put a mug on a shelf."},
+        {"from": "gpt", "value": "Thought: I need a mug.\nAction: go to shelf 1"},
+        {"from": "human", "value": "On the shelf 1, you see a mug 1."}]}
+    path = tmp_path / "eto.jsonl"
+    bad = {"system_only": json.dumps({"id": "ep1", "messages": [{"role": "system", "content": "You are an agent."}]}),
+           "empty_action": json.dumps(dict(good, id="ep1", conversations=good["conversations"][:3] + [
+               {"from": "gpt", "value": "Thought: I need a mug.\nAction: "}])),
+           "huge_int": json.dumps(dict(good, id="ep1"))[:-1] + ', "n": ' + "9" * 5001 + "}",
+           "deep_array": "[" * 100_000 + "]" * 100_000}[kind]
+    path.write_text(json.dumps(good) + "\n" + bad + "\n")
+    out = tmp_path / "out"
+    proc = run("make_data.py", "--import-eto", str(path), "--out", str(out), check=False)
+    check_fails_cleanly(proc, [f"{path}:2", {"system_only": "no human turn", "empty_action": "empty action"}.get(kind, "JSON")], {})
+    assert not out.exists()
+
+
+def test_train_out_with_braces_of_its_own_is_one_line(tiny_model, small_data, tmp_path):
+    for out in ("run_{name}", "run_{", "run_{0}"):
+        proc = run("train.py", "--model", tiny_model, "--data", f"{small_data[0]}/alfworld_train.jsonl", "--max-steps", "1",
+                   "--threads", "1", "--out", str(tmp_path / out), check=False)
+        check_fails_cleanly(proc, ["--out", "{k} and {seed}"], {})
+    assert not os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize("script", ["train.py", "probe.py", "evaluate.py"])
+def test_world_size_without_torchrun_is_one_line(script, tiny_model, small_data, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for var in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    data = small_data[0]
+    argv = {"train.py": ["--data", f"{data}/alfworld_train.jsonl", "--max-steps", "1"],
+            "probe.py": ["--data", f"{data}/alfworld_id_test.jsonl", "--max-records", "1"],
+            "evaluate.py": ["--data", str(data), "--env", "alfworld", "--max-episodes", "1"]}[script]
+    proc = run(script, "--model", tiny_model, *argv, "--threads", "1", "--out", str(tmp_path / "o"), check=False, fresh=True)
+    check_fails_cleanly(proc, ["WORLD_SIZE=2", "MASTER_ADDR", "torchrun"], {})
+
+
+def test_a_repeated_env_or_split_runs_once(small_data, tmp_path):
+    proc = run("evaluate.py", "--policy", "expert", "--data", str(small_data[0]), "--env", "bfcl,bfcl", "--split",
+               "id_test,id_test", "--max-episodes", "2", "--out", str(tmp_path / "eval" / "expert"))
+    assert "--env lists bfcl more than once" in proc.stderr and "--split lists id_test more than once" in proc.stderr
+    recs = [json.loads(line) for line in open(tmp_path / "eval" / "expert" / "episodes.jsonl")]
+    assert len(recs) == len({r["id"] for r in recs}) == 2
+    run("report.py", "--results", str(tmp_path))  # not the 'two writers' refusal of a folder holding ids twice
+
+
+def test_a_write_refused_mid_run_keeps_what_was_done_and_resumes(tiny_model, small_data, tmp_path):
+    """A file-size limit stands in for a full disk (root ignores a read-only folder): the probe stops with one
+    line naming the file, the records written before stay, and the same command finishes the run."""
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    out = tmp_path / "p"
+    argv = [sys.executable, "probe.py", "--model", tiny_model, "--data", f"{small_data[0]}/alfworld_id_test.jsonl",
+            "--max-records", "6", "--max-thought-tokens", "4", "--max-action-tokens", "4", "--attribution-samples", "0",
+            "--batch-size", "1", "--threads", "1", "--out", str(out)]
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG) instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (6000, 6000))
+    proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, preexec_fn=limit, timeout=600)
+    check_fails_cleanly(proc, [str(out / "records.jsonl"), "rerun the same command to resume"], {})
+    kept = (out / "records.jsonl").read_text().splitlines()
+    assert kept
+    proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    recs = [json.loads(line) for line in open(out / "records.jsonl")]
+    assert len(recs) == len({r["id"] for r in recs}) == 6

@@ -8,6 +8,7 @@ import tarfile
 import pytest
 
 import envs
+import jsonio
 import steps
 from conftest import ROOT, run
 
@@ -159,3 +160,42 @@ def test_sciworld_import_replays_in_the_environment(tmp_path):
     assert {r["task_type"] for r in train} == {"find-living-thing"} and {r["task_type"] for r in ood} == {"find-animal"}
     for r in train + ood:
         assert r["action"] in r["candidates"] and len(r["candidates"]) <= 20 and r["thought"].startswith("step ")
+
+
+def test_multi_line_thoughts_go_through_import_train_probe_and_conflicts(tiny_model, tmp_path):
+    """ETO's thoughts span lines: a thought with a newline, a tab and a double space is kept as it is by the
+    importer, trained on, probed (the truncation curve cuts it without re-joining its words) and borrowed by
+    the conflict probe."""
+    tasks = {t["id"]: t for t in envs.sciworld_tasks(every_ood_variation=True)}
+    items = []
+    with envs.ScienceWorld() as env:
+        for n, name, split in (("12", "find-living-thing", "train"), ("11", "find-animal", "ood_test")):
+            task = next(t for t in tasks.values() if t["task_name"] == name and t["split"] == split)
+            obs, info = env.reset(task)
+            turns = [("human", "You are a helpful assistant to do some scientific experiment..."), ("gpt", "OK"),
+                     ("human", info["task"] + "\n" + obs)]
+            for i, action in enumerate(env.expert_plan()):
+                thought = f"Step {i + 1} of the plan.\nFirst\tlook  around, then act:\n- {action.split()[0]}"
+                turns.append(("gpt", f"Thought: {thought}\nAction: {action}"))
+                obs, *_ = env.step(action)
+                turns.append(("human", "Observation: " + obs))
+            items.append({"id": f"{n}_{task['variation']}", "conversations": [{"from": w, "value": v} for w, v in turns]})
+    src = tmp_path / "sciworld_sft.json"
+    src.write_text(json.dumps(items))
+    data = tmp_path / "sw"
+    run("make_data.py", "--import-eto", str(src), "--import-env", "scienceworld", "--out", str(data))
+    ood = steps.read_steps(str(data / "scienceworld_ood_test.jsonl"))
+    assert all("\n" in r["thought"] and "\t" in r["thought"] and "  " in r["thought"] for r in ood)
+    run("train.py", "--model", tiny_model, "--data", str(data / "scienceworld_train.jsonl"), "--max-steps", "1",
+        "--threads", "1", "--out", str(tmp_path / "run"))
+    conflicts = tmp_path / "conflicts.jsonl"
+    run("make_conflicts.py", "--data", str(data / "scienceworld_ood_test.jsonl"), "--pool",
+        str(data / "scienceworld_train.jsonl"), "--max-per-split", "3", "--out", str(conflicts))
+    assert jsonio.read_jsonl(str(conflicts))
+    run("probe.py", "--model", tiny_model, "--checkpoints", str(tmp_path / "run"), "--data",
+        str(data / "scienceworld_ood_test.jsonl"), "--max-records", "3", "--trunc-fracs", "0,0.5,1", "--max-thought-tokens",
+        "4", "--max-action-tokens", "4", "--attribution-samples", "1", "--threads", "1", "--conflicts", str(conflicts),
+        "--conflicts-out", str(tmp_path / "c"), "--out", str(tmp_path / "p"))
+    recs = jsonio.read_jsonl(str(tmp_path / "p" / "records.jsonl"))
+    assert len(recs) == 6 and all(r["trunc_ll_100"] == r["ll_thought_sum"] for r in recs)
+    assert jsonio.read_jsonl(str(tmp_path / "c" / "records.jsonl"))

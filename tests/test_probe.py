@@ -26,7 +26,7 @@ def memorized(tiny_model, small_data, tmp_path_factory):
     rec = steps.read_steps(os.path.join(small_data[0], "alfworld_id_test.jsonl"))[0]
     data = tmp / "one.jsonl"
     jsonio.write_jsonl_atomic(str(data), [rec])
-    run("train.py", "--model", tiny_model, "--data", str(data), "--no-cot", "--full-finetune", "--lr", "1e-2",
+    run("train.py", "--model", tiny_model, "--data", str(data), "--any-split", "--no-cot", "--full-finetune", "--lr", "1e-2",
         "--max-steps", "40", "--batch-size", "1", "--warmup-frac", "0", "--out", str(tmp / "run"), "--threads", "1")
     return data, tmp / "run", rec
 

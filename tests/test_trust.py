@@ -388,3 +388,161 @@ def test_two_first_runs_convert_the_embedded_model_once(tmp_path):
     out, _ = waiter.communicate(timeout=120)
     assert waiter.returncode == 0 and out.strip() == str(folder)
     assert sorted(os.listdir(tmp_path)) == ["SmolLM2-135M-Instruct", "SmolLM2-135M-Instruct.lock"]
+
+
+# ----------------------------------------------------------------------------- a run's identity, everywhere
+
+def test_two_runs_of_one_name_in_one_call_are_refused_and_a_repeat_taken_once(tiny_model, small_data, tiny_run, tmp_path):
+    other = tmp_path / "b" / "run"
+    shutil.copytree(tiny_run, other)  # another folder, the same name
+    data = f"{small_data[0]}/alfworld_id_test.jsonl"
+    proc = run("probe.py", "--model", tiny_model, "--no-base", "--checkpoints", str(tiny_run), str(other), "--data", data,
+               *PROBE, "--out", str(tmp_path / "p"), check=False)
+    check_fails_cleanly(proc, [str(tiny_run), str(other), "run/checkpoint-000001"], {})
+    proc = run("evaluate.py", "--model", tiny_model, "--adapter", str(tiny_run), str(other), "--data", str(small_data[0]),
+               "--env", "alfworld", "--max-episodes", "1", "--max-steps", "1", "--num-envs", "1", "--threads", "1",
+               "--out", str(tmp_path / "e"), check=False)
+    check_fails_cleanly(proc, [str(tiny_run), str(other)], {})
+    # The same run twice (another spelling of its path): probed once, with a note.
+    proc = run("probe.py", "--model", tiny_model, "--no-base", "--checkpoints", str(tiny_run), f"{tiny_run}/../run/", "--data",
+               data, *PROBE, "--out", str(tmp_path / "p"))
+    assert "taken once" in proc.stderr
+    recs = [json.loads(line) for line in open(tmp_path / "p" / "records.jsonl")]
+    assert len(recs) == len({r["id"] for r in recs}) == 2 * 2  # 2 checkpoints x 2 records, none twice
+
+
+def test_report_refuses_two_runs_one_k_and_seed_and_two_base_models(tiny_model, small_data, tmp_path):
+    data = f"{small_data[0]}/alfworld_id_test.jsonl"
+    results = tmp_path / "results"
+    for name, lr in (("lr_a", "1e-3"), ("lr_b", "1e-2")):  # k=0, seed 0 both, other learning rates
+        run("train.py", "--model", tiny_model, "--data", f"{small_data[0]}/alfworld_train.jsonl", "--max-steps", "1",
+            "--lr", lr, "--threads", "1", "--out", str(tmp_path / name / "k0.0_seed0"))
+        run("probe.py", "--model", tiny_model, "--no-base", "--checkpoints", str(tmp_path / name / "k0.0_seed0"),
+            "--data", data, *PROBE, "--out", str(results / "probe" / name))
+    check_fails_cleanly(run("report.py", "--results", str(results), check=False),
+                        ["k=0.0, seed 0", "lr_a", "lr_b", "separate --results"], {})
+    # Two base models (other weights) would be averaged as one 'base' row.
+    import torch
+    from safetensors.torch import load_file, save_file
+    shutil.rmtree(results / "probe" / "lr_b")
+    other = tmp_path / "other_model"
+    shutil.copytree(tiny_model, other)
+    weights = load_file(other / "model.safetensors")
+    save_file({k: v * 1.01 if v.is_floating_point() else v for k, v in weights.items()}, other / "model.safetensors",
+              metadata={"format": "pt"})
+    del torch
+    for name, model in (("base_a", tiny_model), ("base_b", str(other))):
+        run("probe.py", "--model", model, "--data", data, *PROBE, "--out", str(results / "probe" / name))
+    check_fails_cleanly(run("report.py", "--results", str(results), check=False), ["two base models", "base_a", "base_b"], {})
+
+
+def test_report_refuses_an_output_still_being_written(tiny_model, small_data, tmp_path):
+    results = tmp_path / "results"
+    run("probe.py", "--model", tiny_model, "--data", f"{small_data[0]}/alfworld_id_test.jsonl", *PROBE,
+        "--out", str(results / "probe" / "base"))
+    holder = hold_lock(results / "probe" / "base")
+    try:
+        check_fails_cleanly(run("report.py", "--results", str(results), check=False),
+                            [str(results / "probe" / "base"), "still being written", f"pid {holder.pid}"], {})
+    finally:
+        holder.kill()
+        holder.wait()
+    run("report.py", "--results", str(results))
+
+
+def test_the_lock_belongs_to_the_real_folder(tiny_model, small_data, tmp_path):
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "run").mkdir()
+    os.symlink(tmp_path / "w" / "run", tmp_path / "w" / "alias")
+    holder = hold_lock(tmp_path / "w" / "run")
+    try:
+        proc = run("train.py", "--model", tiny_model, "--data", f"{small_data[0]}/alfworld_train.jsonl", "--max-steps", "1",
+                   "--mask-action-frac", "0.3", "--threads", "1", "--out", str(tmp_path / "w" / "alias"), check=False)
+        check_fails_cleanly(proc, ["being written", f"pid {holder.pid}"], {})
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not os.listdir(tmp_path / "w" / "run")
+
+
+def test_an_adapter_digest_does_not_depend_on_set_order(tiny_run, tmp_path):
+    import provenance
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_run / "checkpoint-000002", ckpt)
+    before = provenance.folder_digest(str(ckpt))
+    config = json.loads((ckpt / "adapter_config.json").read_text())
+    config["target_modules"] = list(reversed(sorted(config["target_modules"])))
+    (ckpt / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    assert provenance.folder_digest(str(ckpt)) == before
+    config["lora_alpha"] += 1  # a setting that changes what the weights compute: another identity
+    (ckpt / "adapter_config.json").write_text(json.dumps(config))
+    assert provenance.folder_digest(str(ckpt)) != before
+
+
+@pytest.mark.parametrize("fault", ["missing", "renamed", "misshapen"])
+def test_only_whole_adapters_load(fault, tiny_model, small_data, tiny_run, tmp_path):
+    from safetensors.torch import load_file, save_file
+    bad = tmp_path / "bad" / "checkpoint-000002"
+    shutil.copytree(tiny_run / "checkpoint-000002", bad)
+    weights = load_file(bad / "adapter_model.safetensors")
+    key = sorted(weights)[0]
+    if fault == "missing":
+        del weights[key]
+    elif fault == "renamed":
+        weights[key.replace("layers.0.", "layers.7.")] = weights.pop(key)
+    else:
+        weights[key] = weights[key][:, :-1].contiguous()
+    save_file(weights, bad / "adapter_model.safetensors")
+    proc = run("probe.py", "--model", tiny_model, "--no-base", "--checkpoints", str(bad), "--data",
+               f"{small_data[0]}/alfworld_id_test.jsonl", *PROBE, "--out", str(tmp_path / "p"), check=False)
+    check_fails_cleanly(proc, [str(bad / "adapter_model.safetensors")], {})
+    assert not (tmp_path / "p" / "records.jsonl").exists() or not (tmp_path / "p" / "records.jsonl").read_text()
+
+
+def test_a_finite_divergence_is_caught(tiny_model, small_data, tiny_run, tmp_path):
+    """--lr 1e30 for one step leaves weights near 1e30, finite: training refuses to save them, and probe and
+    evaluate refuse such a checkpoint by its non-finite log-probabilities."""
+    out = tmp_path / "run"
+    proc = run("train.py", "--model", tiny_model, "--data", f"{small_data[0]}/alfworld_train.jsonl", "--max-steps", "1",
+               "--lr", "1e30", "--threads", "1", "--out", str(out), check=False)
+    check_fails_cleanly(proc, ["diverged", "1000x"], {})
+    assert not list(out.glob("checkpoint-*"))
+    from safetensors.torch import load_file, save_file
+    bad = tmp_path / "bad" / "checkpoint-000002"
+    shutil.copytree(tiny_run / "checkpoint-000002", bad)
+    save_file({k: v * 1e20 for k, v in load_file(bad / "adapter_model.safetensors").items()}, bad / "adapter_model.safetensors")
+    proc = run("probe.py", "--model", tiny_model, "--no-base", "--checkpoints", str(bad), "--data",
+               f"{small_data[0]}/alfworld_id_test.jsonl", *PROBE, "--out", str(tmp_path / "p"), check=False)
+    check_fails_cleanly(proc, [str(bad), "non-finite log-probabilities"], {})
+    proc = run("evaluate.py", "--model", tiny_model, "--adapter", str(bad), "--data", str(small_data[0]), "--env", "alfworld",
+               "--max-episodes", "1", "--max-steps", "1", "--num-envs", "1", "--threads", "1", "--out", str(tmp_path / "e"),
+               check=False)
+    check_fails_cleanly(proc, [str(bad), "non-finite log-probabilities"], {})
+
+
+def test_the_random_baseline_does_not_depend_on_num_envs_or_a_resume(small_data, tmp_path):
+    def episodes(out, *extra):
+        run("evaluate.py", "--policy", "random", "--data", str(small_data[0]), "--env", "alfworld,bfcl", "--max-steps", "4",
+            "--seed", "2", "--out", str(out), *extra)
+        return {r["id"]: [s["action"] for s in r["transcript"]] for r in map(json.loads, open(out / "episodes.jsonl"))}
+    one = episodes(tmp_path / "one", "--num-envs", "1")
+    assert len(one) >= 4 and any(len(set(a)) > 1 for a in one.values())
+    assert episodes(tmp_path / "three", "--num-envs", "3") == one
+    lines = (tmp_path / "one" / "episodes.jsonl").read_text().splitlines(keepends=True)
+    (tmp_path / "one" / "episodes.jsonl").write_text("".join(lines[:1]))  # a run killed after its first episode
+    assert episodes(tmp_path / "one", "--num-envs", "2") == one
+
+
+def test_train_refuses_test_splits_and_a_resumed_log_equals_an_unbroken_one(tiny_model, small_data, tmp_path):
+    proc = run("train.py", "--model", tiny_model, "--data", f"{small_data[0]}/*.jsonl", "--max-steps", "1", "--threads", "1",
+               "--out", str(tmp_path / "all"), check=False)
+    check_fails_cleanly(proc, ["id_test", "--any-split"], {})
+    common = ["train.py", "--model", tiny_model, "--data", f"{small_data[0]}/alfworld_train.jsonl", "--max-steps", "6",
+              "--batch-size", "2", "--log-every", "4", "--threads", "1"]
+    run(*common, "--out", str(tmp_path / "a"))
+    run(*common, "--stop-at-step", "3", "--out", str(tmp_path / "b"))
+    run(*common, "--resume", "--out", str(tmp_path / "b"))
+
+    def log(run_dir):
+        return [{k: v for k, v in json.loads(line).items() if k != "tokens_per_s"} for line in open(run_dir / "metrics.jsonl")]
+    assert [r["step"] for r in log(tmp_path / "a")] == [4, 6] and log(tmp_path / "b") == log(tmp_path / "a")
