@@ -19,6 +19,8 @@ Writes to <results>/report/: one PNG per figure and the CSV behind it, and resul
   ood_vs_k.png       OOD success vs k, by mode (seeds pooled)
   pooled_over_seeds.csv  each k's measures at its last checkpoints pooled over seeds, and their change from the
                      base model paired by step (crossed bootstrap), the claims' numbers; in results.md too
+  made_from.json     what made every output pooled here: settings, inputs, base model and checkpoints by sha256,
+                     and each checkpoint's training run (settings and data by content)
   k_effect.csv       each k minus the smallest, paired by step / conflict / game: per seed and pooled over seeds
                      (crossed bootstrap: seeds and items drawn together), the table in results.md too
 Same inputs, same bytes: nothing here depends on time or order on disk.
@@ -133,6 +135,28 @@ def run_info(folder):
     return config, info
 
 
+# "<kind>/<folder>" -> what made that output (made_from_of), written to made_from.json beside the tables.
+MADE_FROM = {}
+
+
+def made_from_of(folder):
+    """What made one probe / conflicts / eval output, from the files already checked by run_info: its made_from
+    (result-changing settings, inputs and base model by sha256, checkpoints by weights) and, for each checkpoint
+    train.py wrote, the run it came from (run_identity: settings and data; the base model by content)."""
+    with open(os.path.join(folder, "meta.json")) as f:
+        meta = json.load(f)
+    trained = {}
+    for name, step, path in meta["checkpoints"]:
+        ckpt_meta = os.path.join(path, "meta.json") if path else ""
+        if ckpt_meta and os.path.exists(ckpt_meta):
+            with open(ckpt_meta) as f:
+                m = json.load(f)
+            trained[name] = {"step": step, "run_identity": m.get("run_identity"), "model_identity": m.get("model_identity"),
+                             "data": m.get("data"), "versions": m.get("versions")}
+    return {"made_from": meta.get("made_from"), "checkpoints": [[name, step] for name, step, _ in meta["checkpoints"]],
+            "trained": trained, "versions": meta.get("versions")}
+
+
 # (k, seed, env) -> {run identity: where}, and "base" -> {base model identity: where}, over every kind loaded: the
 # tables key runs by k and seed, so two runs there (or two base models) would be pooled or one of them dropped.
 TABLE_KEYS = {}
@@ -157,6 +181,7 @@ def load(kind, filename):
         if holder:
             fail(f"{folder} is still being written by {holder}; report it when that run has ended")
         config, info = run_info(folder)
+        MADE_FROM[os.path.relpath(folder, args.results)] = made_from_of(folder)
         try:
             numbered = jsonio.read_jsonl_lines(path, required=("id", "checkpoint"))
         except jsonio.DataError as e:
@@ -569,6 +594,7 @@ if pooled:
            md_table(pooled, [("measure", "metric"), ("split", "split"), ("k", "k"), ("seeds", "seeds"), ("n", "n"),
                              ("value", "value"), ("t over seed means", "value_t"), ("change from base", "change"),
                              ("t over seed means", "change_t")]), ""]
-with open(os.path.join(OUT, "results.md"), "w") as f:
-    f.write("\n".join(md) + "\n")
+jsonio.write_text_atomic(os.path.join(OUT, "results.md"), "\n".join(md) + "\n")
+# Every output the tables come from, by identity: a committed report can be traced to what made each number.
+jsonio.write_json_atomic(os.path.join(OUT, "made_from.json"), dict(sorted(MADE_FROM.items())))
 print(f"report done: {len(probe)} probe, {len(conf)} conflict, {len(episodes)} episode records -> {OUT}")

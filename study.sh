@@ -14,7 +14,8 @@
 #     study's curves move before step 33 of 130). About 6.5 h on 2 cores (measured).
 # A run is finished before the next one starts, so a study cut short still has whole runs. Every stage
 # resumes: rerunning the same command after a kill continues where it stopped. Each stage's wall time and
-# peak RSS go to $OUT/stages.tsv.
+# peak RSS go to $OUT/stages.tsv. The report, the stage times and what made each number are copied to
+# studies/<basename of OUT>/ (STUDY_DIR), the folder git tracks.
 #   bash study.sh                                          (what `make study` runs)
 #   ALFWORLD_DATA=~/alfworld_data bash study.sh            (the real-games study, 3 seeds)
 #   SEED=1 OUT=results/study_seed1 bash study.sh
@@ -123,4 +124,10 @@ done
 
 stage "7/7 report: tables and figures"
 timed report $PY report.py --results "$OUT"
-stage "study done: results in $OUT/report (results.md, *.png, *.csv); stage times in $OUT/stages.tsv"
+# The report is small (tables, the CSV behind each, figures, made_from.json): it goes where git tracks it, so a
+# reader can check every number the README quotes without rerunning the study; raw records and runs stay in $OUT.
+STUDY_DIR=${STUDY_DIR:-studies/$(basename "$OUT")}
+mkdir -p "$STUDY_DIR"
+cp "$OUT"/report/results.md "$OUT"/report/*.csv "$OUT"/report/*.png "$OUT"/report/made_from.json "$OUT"/stages.tsv "$STUDY_DIR"/
+git describe --always --dirty > "$STUDY_DIR/commit.txt" 2>/dev/null || echo "not a git checkout" > "$STUDY_DIR/commit.txt"
+stage "study done: results in $OUT/report, copied to $STUDY_DIR (commit it); stage times in $OUT/stages.tsv"

@@ -50,14 +50,6 @@ class AlfWorld(ClosingEnv):
     def valid_actions(self):
         return [a for a in self._state.admissible_commands if a not in ("look", "inventory", "help")] + ["inventory", "look"]
 
-    def expert_plan(self):
-        return list(self._plan)
-
-    def close(self):
-        if self._env is not None:
-            self._env.close()
-            self._env = None
-
 
 def alfworld_tasks(games_dir):
     """Tasks of every game.tw-pddl under games_dir, split by task type and by a hash of the path.

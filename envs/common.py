@@ -20,6 +20,16 @@ class ClosingEnv:
     def __exit__(self, *exc):
         self.close()
 
+    # The plan reset() found and the engine it opened (self._plan, self._env): ALFWorld's and ScienceWorld's;
+    # the BFCL environments keep other state and define their own.
+    def expert_plan(self):
+        return list(self._plan)
+
+    def close(self):
+        if self._env is not None:
+            self._env.close()
+            self._env = None
+
 
 # What an environment answers to an action it does not accept (the worker and the importer flag it).
 INVALID_FEEDBACK = {"alfworld": ("Nothing happens.",), "scienceworld": ("No known action matches that input.",)}

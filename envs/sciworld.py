@@ -49,14 +49,6 @@ class ScienceWorld(ClosingEnv):
     def valid_actions(self):
         return sorted(set(self._server.getValidActionObjectCombinations()))
 
-    def expert_plan(self):
-        return list(self._plan)
-
-    def close(self):
-        if self._env is not None:
-            self._env.close()
-            self._env = None
-
 
 def sciworld_tasks(env=None, every_ood_variation=False):
     """Every (task, variation): train/id_test variations of in-domain tasks, test variations of OOD ones (with

@@ -102,3 +102,21 @@ def test_claims_measures_are_pooled_over_seeds_with_their_change_from_base(tmp_p
     assert "Pooled over training seeds" in md and "| k=0.0, seed 2 | id_test | cot | 20 |" in md
     # Seed 0's paired differences are 2 ones and 18 zeros: sd 0.308, so (1.96 * 0.308 / 0.05)^2 = 146 games.
     assert "| k=0.0, seed 0 | id_test | 20 | 0.10 [0.00, 0.25] | 146 |" in md
+
+
+def test_report_of_the_committed_fixture_is_unchanged(tmp_path):
+    """report.py on tests/data/report_small/input gives, byte for byte, the committed expected/ (results.md and
+    every CSV): a change to any number the report prints shows here (tests/make_report_fixture.py remakes it)."""
+    import os
+    import shutil
+
+    from make_report_fixture import FIXTURE, normalized
+    results = tmp_path / "input"
+    shutil.copytree(os.path.join(FIXTURE, "input"), results)
+    run("report.py", "--results", str(results))
+    expected = sorted(os.listdir(os.path.join(FIXTURE, "expected")))
+    made = sorted(n for n in os.listdir(results / "report") if not n.endswith(".png"))
+    assert made == expected
+    for name in expected:
+        with open(os.path.join(FIXTURE, "expected", name)) as f:
+            assert normalized((results / "report" / name).read_text(), str(results)) == f.read(), name
