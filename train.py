@@ -403,10 +403,11 @@ while step < total_steps:
                 p.grad = torch.zeros_like(p)
             dist.all_reduce(p.grad)
     norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip or float("inf"))
-    loss_sum = torch.tensor(sums.get("loss", 0.0), dtype=torch.float64, device=device)
+    batch_loss = sums.get("loss", 0.0) / max(1, n_sup)  # a host number: no device sync in a plain run
     if world > 1:  # the whole batch's loss, so every process takes the same decision below
-        dist.all_reduce(loss_sum)
-    batch_loss = loss_sum.item() / max(1, n_sup)
+        total = torch.tensor(sums.get("loss", 0.0), dtype=torch.float64, device=device)
+        dist.all_reduce(total)
+        batch_loss = total.item() / max(1, n_sup)
     if not (math.isfinite(batch_loss) and torch.isfinite(norm)) or batch_loss > LOSS_LIMIT:
         # A diverged run must not leave checkpoints that later stages would read as a trained model.
         fail(f"training diverged at step {step + 1}: loss {batch_loss:.4g} (limit {LOSS_LIMIT:.3g}: 3x a uniform guess), gradient norm "
