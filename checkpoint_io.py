@@ -8,6 +8,7 @@ import os
 import re
 import sys
 
+
 def checkpoint_step(ckpt):
     """Training step of a checkpoint folder: train.py's meta.json, else the HF Trainer's / TRL's
     trainer_state.json (global_step), else the N of a checkpoint-N name; None if none of these says."""

@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 
+
 def check_numbers(args, rules, fail):
     """Validate numeric flags at parse time: rules = {name: (low, high)}, either bound None for open and a
     bound given as ("<", x) exclusive; every float must be finite (nan and inf never reach the code).

@@ -11,6 +11,7 @@ from transformers.cache_utils import DynamicLayer
 import lm
 import steps
 
+
 def _rows(layers, rows, room=0):
     """A fresh cache holding batch rows `rows` of per-layer (keys, values), with space for `room` more
     tokens per layer; the source is untouched."""
@@ -72,8 +73,6 @@ def _last_logits(model, ids, mask, pos, cache, keep):
                                  past_key_values=cache, use_cache=True).last_hidden_state
     picked = torch.gather(hidden, 1, keep[..., None].expand(-1, -1, hidden.shape[-1]))
     return model.get_output_embeddings()(picked).float()
-
-
 
 
 def _length_groups(lengths, slack=1.25, floor=16):

@@ -7,6 +7,7 @@ import json
 import os
 import tempfile
 
+
 class DataError(ValueError):
     """Bad input: the message names the file, the line and the field."""
 
@@ -34,7 +35,6 @@ def read_jsonl_lines(path, required=()):
     return records
 
 
-
 def parse_json(text, where, hint=""):
     """json.loads, with every way a text can fail to parse as one DataError naming where: bad syntax, an integer
     past Python's 4,300-digit limit, nesting deeper than the parser's recursion limit."""
@@ -46,6 +46,7 @@ def parse_json(text, where, hint=""):
         raise DataError(f"{where}: not usable JSON ({e}){hint}") from None
     except RecursionError:
         raise DataError(f"{where}: not usable JSON (nested too deep){hint}") from None
+
 
 def decode_line(raw, path, lineno):
     try:

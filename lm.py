@@ -103,6 +103,7 @@ def world_size():
                          f"(torchrun --nproc_per_node {raw} ...), or unset WORLD_SIZE")
     return int(raw)
 
+
 def distributed(device):
     """(rank, world, device) under torchrun (WORLD_SIZE > 1): a gloo (CPU) or nccl (CUDA) process group, and on
     CUDA this process's GPU, cuda:LOCAL_RANK (as train.py picks it); (0, 1, device) in a plain run."""

@@ -7,6 +7,7 @@ import os
 import sys
 import time
 
+
 def file_digest(path, whole_below=1 << 28):
     """sha256 of a file's bytes, so an input is known by content (a copy is the same input, an edit is not).
     Files of 256 MiB or more (whole models): of the size and the first and last 16 MiB, seconds not minutes."""
@@ -59,6 +60,7 @@ def adapter_config_digest(path):
                 config[key] = sorted(config[key], key=str)
     return hashlib.sha256(json.dumps(config, indent=2, sort_keys=True).encode()).hexdigest()
 
+
 def model_identity(path):
     """What a base model is, for made_from: a local folder by content, a hub id by name."""
     return folder_digest(path) if os.path.isdir(path) else f"hub:{path}"
@@ -100,7 +102,6 @@ def claim_output(path, fail, is_file=False):
     _LOCKS.append(fd)
 
 
-
 def lock_holder(path):
     """Who holds the one-writer lock of an output (claim_output's), or None: so a reader can refuse an output that
     is still being written. A shared lock, taken and dropped at once, never blocks the writer for long."""
@@ -119,6 +120,7 @@ def lock_holder(path):
         return os.read(fd, 4096).decode(errors="replace").strip() or "another process"
     finally:
         os.close(fd)
+
 
 def check_made_from(meta_path, made_from, results, fail):
     """An output belongs to one configuration. made_from = {"settings": {...}, "inputs": {...}, "checkpoints":

@@ -10,6 +10,7 @@ import torch
 import lm
 from lm import ACTION, PROMPT, THOUGHT
 
+
 def micro_batches(examples, members, max_tokens, pad_id, device, start=0):
     """Micro-batches of at most max_tokens padded tokens (B x T, right padding) of the examples' tokens
     from position `start` on, each a dict: ids and attn (B, T); at, the flat positions b * T + t whose

@@ -9,13 +9,13 @@ prompt of step t (build_messages), the chat rendering both training and inferenc
 and how a response splits into thought and action. Pure functions, the way nanoGPT shares only
 model.py. The rest of the shared code, by concern:
 
-    jsonio.py       JSONL, JSON and CSV files: read with file:line errors, written whole, appended and resumed
-    provenance.py   a run's identity (made_from, digests), one writer per output (locks), one configuration
-    checkpoint_io.pycheckpoint folders from any trainer: listed in step order, checked whole, their base model
-    cli.py          what every script's command line shares: numeric flag checks, Ctrl-C without a traceback
-    stats.py        bootstrap, Wilson, Fisher and t intervals of the report
-    lm.py           which model and device, how a step becomes tokens; sft.py and decode.py: train and decode
-    envs/           the environments behind one step interface; eto.py: the ETO/AgentGym importer
+    jsonio.py         JSONL, JSON and CSV files: read with file:line errors, written whole, appended and resumed
+    provenance.py     a run's identity (made_from, digests), one writer per output (locks), one configuration
+    checkpoint_io.py  checkpoint folders from any trainer: listed in step order, checked whole, their base model
+    cli.py            what every script's command line shares: numeric flag checks, Ctrl-C without a traceback
+    stats.py          bootstrap, Wilson, Fisher and t intervals of the report
+    lm.py             which model and device, how a step becomes tokens; sft.py and decode.py: train and decode
+    envs/             the environments behind one step interface; eto.py: the ETO/AgentGym importer
 """
 import functools
 import json
@@ -115,6 +115,7 @@ def first_words(text, frac, at_least=0):
     ends = [m.end() for m in re.finditer(r"\S+", text)]
     keep = max(at_least, round(frac * len(ends)))
     return text if keep >= len(ends) else text[:ends[keep - 1]] if keep else ""
+
 
 def normalize_action(action):
     """Exact-match key: lower case, single spaces, no trailing period."""
