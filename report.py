@@ -39,6 +39,10 @@ import sys
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 parser.add_argument("--results", default="results/demo", help="folder holding probe/, conflicts/ and eval/ subfolders")
 parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+parser.add_argument("--combine", nargs="+", metavar="STUDY",
+                    help="instead: set the claims.csv of these study folders (studies/<study>, one environment each) side "
+                         "by side, a column per environment, into --combine-out")
+parser.add_argument("--combine-out", default="studies/claims.md", help="markdown written by --combine (its CSV beside it)")
 args = parser.parse_args()
 
 import matplotlib  # noqa: E402
@@ -47,12 +51,38 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+import claims  # noqa: E402
 import cli  # noqa: E402
 import jsonio  # noqa: E402
 import provenance  # noqa: E402
 import stats  # noqa: E402
 
 cli.exit_cleanly()
+
+if args.combine:  # the claims table across environments, from committed study folders only
+    import csv
+    rows, sources = [], {}
+    for folder in args.combine:
+        path = os.path.join(folder, "claims.csv")
+        try:
+            with open(path, newline="") as f:
+                found = list(csv.DictReader(f))
+        except OSError as e:
+            sys.exit(f"error: {path}: {e.strerror} (run report.py on that study first)")
+        for r in found:
+            if (r["claim"], r["env"]) in sources:
+                sys.exit(f"error: {path}: {r['env']} is also in {sources[(r['claim'], r['env'])]}: one study per environment")
+            sources[(r["claim"], r["env"])] = path
+            rows.append(r)
+    envs = [e for e in claims.ENV_NAMES if any(r["env"] == e for r in rows)]
+    envs += sorted({r["env"] for r in rows} - set(envs))
+    text = ("# The paper's claims across environments\n\n" + claims.__doc__.split("\n\n")[1].strip().replace("\n", " ")
+            + "\n\nMade by `python report.py --combine " + " ".join(args.combine) + "` from: "
+            + ", ".join(f"`{os.path.join(f, 'claims.csv')}`" for f in args.combine) + ".\n\n" + claims.table(rows, envs) + "\n")
+    jsonio.write_text_atomic(args.combine_out, text)
+    jsonio.write_csv_atomic(os.path.splitext(args.combine_out)[0] + ".csv", rows)
+    print(f"claims of {', '.join(envs)} -> {args.combine_out}")
+    sys.exit(0)
 
 OUT = os.path.join(args.results, "report")
 SPLITS = ("id_test", "ood_test")
@@ -480,15 +510,21 @@ if conf:
                                                     ("follows a2", "follows"), ("anchors a1", "anchors"), ("neither", "neither"),
                                                     ("prefers a2 (LL)", "prefers_a2")]), ""]
 
-# Each game's prompt-mode and CoT-mode outcome, paired: one entry per checkpoint and game.
+# Each game's prompt-mode and CoT-mode outcome, paired: one entry per checkpoint and game. won is success; score
+# the environment's partial credit in [0, 1] (ScienceWorld's score, multi-turn BFCL's share of turns passed; the
+# same as won in ALFWorld and single-turn BFCL), the primary online measure of the claims.
+ONLINE = ("won", "score")
 online = {}
 for e in episodes:
     if e["mode"] in ("prompt", "cot"):
-        online.setdefault((e["run"], e["step"], e["split"], e["task_id"]), dict(
-            {k: e[k] for k in ("run", "k", "seed", "step", "split", "task_id")}))[f"won_{e['mode']}"] = float(e["won"])
+        o = online.setdefault((e["run"], e["step"], e["split"], e["task_id"]), dict(
+            {k: e.get(k) for k in ("run", "k", "seed", "step", "split", "task_id", "env")}))
+        for m in ONLINE:
+            o[f"{m}_{e['mode']}"] = None if e.get(m) is None else float(e[m])
 for o in online.values():
-    if "won_cot" in o and "won_prompt" in o:
-        o["won_cot_minus_prompt"] = o["won_cot"] - o["won_prompt"]
+    for m in ONLINE:
+        if o.get(f"{m}_cot") is not None and o.get(f"{m}_prompt") is not None:
+            o[f"{m}_cot_minus_prompt"] = o[f"{m}_cot"] - o[f"{m}_prompt"]
 if episodes:
     several_seeds = len({r["seed"] for r in episodes if r["k"] is not None}) > 1
     for r in episodes:  # a row per training run: seeds apart when there are several (pooled below)
@@ -541,14 +577,23 @@ if episodes:
                "apart by 0.05 needs about twice that, more for 80% power.", "", md_table(drows, [
             ("model", "k_label"), ("split", "split"), ("n tasks", "n"), ("CoT - prompt", "cot_minus_prompt"),
             ("games for +-0.05", "games_for_0.05")]), ""]
-    # Across checkpoints (evaluate.py --all-checkpoints): does the CoT advantage stay flat with training?
+    # Across checkpoints (evaluate.py --all-checkpoints): does the CoT advantage stay flat while both modes rise?
+    # The base model's games (step 0) start every run's curve.
     by_ckpt = [o for o in online.values() if o["step"] > 0]
     if len({(o["run"], o["step"]) for o in by_ckpt}) > len({o["run"] for o in by_ckpt}):
-        crows = table([dict(o, cot_minus_prompt=o["won_cot_minus_prompt"]) for o in by_ckpt if "won_cot_minus_prompt" in o],
-                      ["run", "split", "step"], ["cot_minus_prompt"])
-        jsonio.write_csv_atomic(os.path.join(OUT, "cot_minus_prompt_by_step.csv"), crows)
-        md += ["### CoT minus prompt success across checkpoints, paired by task", "", md_table(crows, [
-            ("run", "run"), ("split", "split"), ("step", "step"), ("n tasks", "n"), ("CoT - prompt", "cot_minus_prompt")]), ""]
+        runs = sorted({o["run"] for o in by_ckpt})
+        curve = by_ckpt + [dict(o, run=run) for o in online.values() if o["run"] == "base" for run in runs]
+        crows = table([o for o in curve if "won_cot_minus_prompt" in o], ["run", "split", "step"],
+                      [f"{m}_{mode}" for m in ("score", "won") for mode in ("prompt", "cot", "cot_minus_prompt")])
+        fig = by_split_figure(crows, [("score_prompt", "prompt mode"), ("score_cot", "CoT mode"),
+                                      ("score_cot_minus_prompt", "CoT minus prompt")], "online score (success in ALFWorld, BFCL)",
+                              ylim=(-0.52, 1.02))
+        fig.suptitle("Online across checkpoints: both modes, and CoT's advantage, paired by game", y=1.02)
+        save(fig, "online_by_step", crows)
+        md += ["### Online across checkpoints, paired by game", "", md_table(crows, [
+            ("run", "run"), ("split", "split"), ("step", "step"), ("n games", "n"), ("score prompt", "score_prompt"),
+            ("score CoT", "score_cot"), ("CoT - prompt score", "score_cot_minus_prompt"),
+            ("CoT - prompt success", "won_cot_minus_prompt")]), ""]
     trained = [r for r in final if isinstance(r["k"], float) and r["split"] == "ood_test"]
     if trained:
         krows = table(trained, ["mode", "k"], ["won", "score"])
@@ -563,10 +608,23 @@ if episodes:
         save(fig, "ood_vs_k", krows)
 
 # The k effect, paired: the same steps and conflicts offline, the same games online, seed by seed and pooled.
-effect = k_effect(probe, ["prompt_correct", "cot_correct", "consistent", "ll_prompt_mean", "ll_thought_mean", "ll_own_mean"],
-                  local_id) + k_effect(conf, ["follows", "anchors"], local_id)
-effect += [dict(r, metric=f"won ({mode} mode)") for mode in ("prompt", "cot")
-           for r in k_effect([e for e in episodes if e["mode"] == mode], ["won"], lambda e: e["task_id"])]
+def effects(probe, conf, episodes):
+    rows = k_effect(probe, ["prompt_correct", "cot_correct", "consistent", "ll_prompt_mean", "ll_thought_mean", "ll_own_mean"],
+                    local_id) + k_effect(conf, ["follows", "anchors"], local_id)
+    return rows + [dict(r, metric=f"{r['metric']} ({mode} mode)") for mode in ("prompt", "cot")
+                   for r in k_effect([e for e in episodes if e["mode"] == mode], ["won", "score"], lambda e: e["task_id"])]
+
+
+# The claims' numbers: each k's last checkpoints pooled over seeds, and their change from the base model.
+def pooled(probe, conf, online):
+    return (pooled_over_seeds(probe, ["prompt_correct", "cot_correct", "cot_minus_prompt", "consistent", "helpful", "harmful",
+                                      "ll_prompt_mean", "ll_thought_mean", "ll_own_mean", "grad_prompt", "attn_prompt"], local_id)
+            + pooled_over_seeds(conf, ["follows", "anchors"], local_id)
+            + pooled_over_seeds(online, [f"{m}_{mode}" for m in ONLINE for mode in ("prompt", "cot", "cot_minus_prompt")],
+                                lambda o: o["task_id"]))
+
+
+effect = effects(probe, conf, episodes)
 if effect:
     jsonio.write_csv_atomic(os.path.join(OUT, "k_effect.csv"), effect)
     md += ["## The k effect, paired (each k minus the smallest, last checkpoints)", "",
@@ -576,24 +634,33 @@ if effect:
            "variation (none with one seed); beside it, a t interval over the seed means (seeds alone, t's width).", "",
            md_table(effect, [("measure", "metric"), ("split", "split"), ("k", "k"), ("vs k", "vs_k"), ("seed", "seed"),
                              ("n", "n"), ("difference", "diff"), ("t over seed means", "diff_t")]), ""]
-# The claims' numbers: each k's last checkpoints pooled over seeds, and their change from the base model.
 for r in probe:
     if r.get("prompt_correct") is not None and r.get("cot_correct") is not None:
         r["cot_minus_prompt"] = float(r["cot_correct"]) - float(r["prompt_correct"])
-pooled = (pooled_over_seeds(probe, ["prompt_correct", "cot_correct", "cot_minus_prompt", "consistent", "helpful", "harmful",
-                                    "ll_prompt_mean", "ll_thought_mean", "ll_own_mean", "grad_prompt", "attn_prompt"], local_id)
-          + pooled_over_seeds(conf, ["follows", "anchors"], local_id)
-          + pooled_over_seeds(list(online.values()), ["won_prompt", "won_cot", "won_cot_minus_prompt"], lambda o: o["task_id"]))
-if pooled:
-    jsonio.write_csv_atomic(os.path.join(OUT, "pooled_over_seeds.csv"), pooled)
+pooled_rows = pooled(probe, conf, list(online.values()))
+if pooled_rows:
+    jsonio.write_csv_atomic(os.path.join(OUT, "pooled_over_seeds.csv"), pooled_rows)
     md += ["## Pooled over training seeds (last checkpoints)", "",
            "Each k's runs at their last checkpoint: the mean of the seed means, and its change from the base model "
            "paired by probed step or conflict; intervals from a crossed bootstrap (seeds and items drawn together), "
            "so they include between-seed variation (none with one seed); beside each, a t interval over the seed means "
-           "(seeds alone, t's width). won_*: online, paired by game.", "",
-           md_table(pooled, [("measure", "metric"), ("split", "split"), ("k", "k"), ("seeds", "seeds"), ("n", "n"),
-                             ("value", "value"), ("t over seed means", "value_t"), ("change from base", "change"),
-                             ("t over seed means", "change_t")]), ""]
+           "(seeds alone, t's width). won_*, score_*: online, paired by game.", "",
+           md_table(pooled_rows, [("measure", "metric"), ("split", "split"), ("k", "k"), ("seeds", "seeds"), ("n", "n"),
+                                  ("value", "value"), ("t over seed means", "value_t"), ("change from base", "change"),
+                                  ("t over seed means", "change_t")]), ""]
+# The paper's claims, judged per environment (claims.py): an environment's numbers alone, never pooled with another's.
+ENVS = sorted({r["env"] for r in probe + conf + episodes if r.get("env")})
+verdicts = []
+for env in ENVS:
+    if len(ENVS) == 1:
+        verdicts += claims.judge(env, pooled_rows, effect)
+        continue
+    p, c, e = ([r for r in recs if r.get("env") == env] for recs in (probe, conf, episodes))
+    verdicts += claims.judge(env, pooled(p, c, [o for o in online.values() if o.get("env") == env]), effects(p, c, e))
+if verdicts:
+    jsonio.write_csv_atomic(os.path.join(OUT, "claims.csv"), verdicts)
+    md[4:4] = ["## The paper's claims, per environment", "", claims.__doc__.split("\n\n")[1].strip().replace("\n", " "), "",
+               claims.table(verdicts, [e for e in ENVS if any(v["env"] == e for v in verdicts)]), ""]
 jsonio.write_text_atomic(os.path.join(OUT, "results.md"), "\n".join(md) + "\n")
 # Every output the tables come from, by identity: a committed report can be traced to what made each number.
 jsonio.write_json_atomic(os.path.join(OUT, "made_from.json"), dict(sorted(MADE_FROM.items())))

@@ -1,82 +1,106 @@
 #!/usr/bin/env bash
-# The study on the embedded SmolLM2-135M-Instruct (README, Results), on ALFWorld: data with a searching
-# expert -> the expert and random policies, the base model's probes -> for each training seed, for k=0 and
-# then k=0.3 (same data): LoRA SFT, rollouts of the last checkpoint (both modes, in-domain and
+# The study on the embedded SmolLM2-135M-Instruct (README, Results), one agent per environment (ENV): data
+# with an expert -> the expert and random policies, the base model's probes -> for each training seed, for k=0
+# and then k=0.3 (same data): LoRA SFT, rollouts of the last checkpoint (both modes, in-domain and
 # out-of-domain), probe and conflict probe (one pass) on the same steps -> report (<out>/report/).
 #
-# Two configurations:
-#   generated games (default, `make study`): one seed, sized for 2 hours on 2 CPU cores; k=0's 4
-#     checkpoints are probed (PROBE_LAST=1: k=0.3's last one too, about 8 min).
-#   real games (ALFWORLD_DATA=DIR, a folder holding json_2.1.1/train and json_2.1.1/valid_seen): train
-#     episodes from the train games, in-domain test from valid_seen's in-domain types, out-of-domain from
-#     the held-out types (valid_seen first); SEEDS="0 1 2" by default. Every run's last checkpoint is
-#     probed; the first seed's runs are also probed at the dense early grid SAVE_STEPS (the generated
-#     study's curves move before step 33 of 130). About 6.5 h on 2 cores (measured).
+# Configurations (every size can be overridden by its variable; the choice of sizes is in the README):
+#   ENV=alfworld, generated games (default, `make study`): one seed, sized for 2 hours on 2 CPU cores; k=0's
+#     4 checkpoints are probed (PROBE_LAST=1: k=0.3's last one too, about 8 min).
+#   ENV=alfworld, real games (ALFWORLD_DATA=DIR, a folder holding json_2.1.1/train and json_2.1.1/valid_seen):
+#     train episodes from the train games, in-domain test from valid_seen's in-domain types, out-of-domain
+#     from the held-out types (valid_seen first); SEEDS="0 1 2". Every run's last checkpoint is probed; the
+#     first seed's runs also at the dense early grid SAVE_STEPS (the curves move before step 33 of 130).
+#     About 6.5 h on 2 cores (measured).
+#   ENV=bfcl: single-turn BFCL, in domain simple/multiple/parallel/parallel_multiple, out of domain the
+#     live_* categories; SEEDS="0 1 2". One step per item, so online is cheap: the first seed's runs (and the
+#     base model) are rolled out at every checkpoint (ONLINE_ALL), the paper's "stays flat" measured online.
 # A run is finished before the next one starts, so a study cut short still has whole runs. Every stage
 # resumes: rerunning the same command after a kill continues where it stopped. Each stage's wall time and
 # peak RSS go to $OUT/stages.tsv. The report, the stage times and what made each number are copied to
 # studies/<basename of OUT>/ (STUDY_DIR), the folder git tracks.
 #   bash study.sh                                          (what `make study` runs)
 #   ALFWORLD_DATA=~/alfworld_data bash study.sh            (the real-games study, 3 seeds)
+#   ENV=bfcl bash study.sh                                 (make study-real ENVS=bfcl)
 #   SEED=1 OUT=results/study_seed1 bash study.sh
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PY:-.venv/bin/python}
-SEED=${SEED:-0}                     # data seed: which games, the expert's search, probe steps, conflicts
+ENV=${ENV:-alfworld}
+SEED=${SEED:-0}                     # data seed: which games / items, the expert's search, probe steps, conflicts
 ALFWORLD_DATA=${ALFWORLD_DATA:-}
 THREADS=${THREADS:-2}
 KS=${KS:-"0.0 0.3"}
 EPOCHS=${EPOCHS:-1}
 BATCH=${BATCH:-8}
 TRAIN_ARGS=${TRAIN_ARGS:-"--lr 1e-3 --lora-r 16 --lora-alpha 32 --share-prefix"}
-EPISODES=${EPISODES:-64}            # rollouts per split, mode and run (at most)
 STEP_FACTOR=${STEP_FACTOR:-2}       # a rollout may take 2x the expert's steps
 NUM_ENVS=${NUM_ENVS:-32}            # rollouts decoded together
 RECORDS=${RECORDS:-100}             # probe and conflict records per split
-if [ -n "$ALFWORLD_DATA" ]; then
-  [ -d "$ALFWORLD_DATA" ] || { echo "error: ALFWORLD_DATA=$ALFWORLD_DATA is not a folder" >&2; exit 2; }
-  DATA=${DATA:-data/study_real}
-  OUT=${OUT:-results/study_real}
-  SEEDS=${SEEDS:-"0 1 2"}           # training seeds: LoRA init, masking draw, batch order (same data)
-  DATA_ARGS=(--alfworld-data "$ALFWORLD_DATA" --alfworld-train-per-type "${TRAIN_PER_TYPE:-40}" --alfworld-test-per-type 16)
-  SAVE_STEPS=${SAVE_STEPS:-8,16,33,66}
-  PROBE_ALL=${PROBE_ALL:-"0.0 0.3"}  # the first seed's runs whose every checkpoint is probed
-  PROBE_LAST=${PROBE_LAST:-1}
-else
-  DATA=${DATA:-data/study}
-  OUT=${OUT:-results/study}
-  SEEDS=${SEEDS:-$SEED}
-  DATA_ARGS=(--alfworld-train-per-type 40 --alfworld-test-per-type 16)
-  SAVE_STEPS=${SAVE_STEPS:-}        # empty: 4 evenly spaced checkpoints
-  PROBE_ALL=${PROBE_ALL:-0.0}
-  PROBE_LAST=${PROBE_LAST:-0}       # 1: also probe the last checkpoint of the other runs
-fi
+ONLINE_ALL=${ONLINE_ALL:-}          # the first seed's runs rolled out at every checkpoint (and the base model)
+case $ENV in
+  alfworld)
+    EPISODES=${EPISODES:-64}        # rollouts per split, mode and run (at most)
+    if [ -n "$ALFWORLD_DATA" ]; then
+      [ -d "$ALFWORLD_DATA" ] || { echo "error: ALFWORLD_DATA=$ALFWORLD_DATA is not a folder" >&2; exit 2; }
+      DATA=${DATA:-data/study_real}
+      OUT=${OUT:-results/study_real}
+      SEEDS=${SEEDS:-"0 1 2"}       # training seeds: LoRA init, masking draw, batch order (same data)
+      DATA_ARGS=(--alfworld-data "$ALFWORLD_DATA" --alfworld-train-per-type "${TRAIN_PER_TYPE:-40}" --alfworld-test-per-type 16)
+      SAVE_STEPS=${SAVE_STEPS:-8,16,33,66}
+      PROBE_ALL=${PROBE_ALL:-"0.0 0.3"}  # the first seed's runs whose every checkpoint is probed
+      PROBE_LAST=${PROBE_LAST:-1}
+    else
+      DATA=${DATA:-data/study}
+      OUT=${OUT:-results/study}
+      SEEDS=${SEEDS:-$SEED}
+      DATA_ARGS=(--alfworld-train-per-type 40 --alfworld-test-per-type 16)
+      SAVE_STEPS=${SAVE_STEPS:-}    # empty: 4 evenly spaced checkpoints
+      PROBE_ALL=${PROBE_ALL:-0.0}
+      PROBE_LAST=${PROBE_LAST:-0}   # 1: also probe the last checkpoint of the other runs
+    fi
+    DATA_ARGS+=(--alfworld-search 2 --jobs "$THREADS")
+    EXPERT_ENVS=4;;
+  bfcl)
+    EPISODES=${EPISODES:-0}         # 0: every test item (190 in domain; TEST_ITEMS out of domain)
+    DATA=${DATA:-data/study_bfcl}
+    OUT=${OUT:-results/study_bfcl}
+    SEEDS=${SEEDS:-"0 1 2"}
+    DATA_ARGS=(--bfcl-train "${TRAIN_ITEMS:-400}" --bfcl-test "${TEST_ITEMS:-400}")
+    SAVE_STEPS=${SAVE_STEPS:-5,10,20,35}
+    PROBE_ALL=${PROBE_ALL:-"0.0 0.3"}
+    PROBE_LAST=${PROBE_LAST:-1}
+    ONLINE_ALL=${ONLINE_ALL:-"0.0 0.3"}
+    EXPERT_ENVS=1;;
+  *) echo "error: ENV=$ENV: expected alfworld or bfcl" >&2; exit 2;;
+esac
 mkdir -p "$OUT"
 stage() { printf '\n== [%s] %s\n' "$(date +%H:%M:%S)" "$*"; }
 # timed NAME CMD...: run CMD, append "NAME seconds peak_rss_kb" to stages.tsv (a resumed stage adds a line)
 timed() { local name=$1; shift; /usr/bin/time -f "$name	%e	%M" -a -o "$OUT/stages.tsv" "$@"; }
 
-stage "1/7 data: ALFWorld games and expert steps with search -> $DATA"
+T="$DATA/$ENV"  # the step files: ${T}_train.jsonl, ${T}_id_test.jsonl, ${T}_ood_test.jsonl
+stage "1/7 data: $ENV episodes and expert steps -> $DATA"
 if [ ! -f "$DATA/meta.json" ]; then
-  timed data $PY make_data.py --env alfworld --seed "$SEED" --out "$DATA" "${DATA_ARGS[@]}" --alfworld-search 2 \
-    --jobs "$THREADS"
+  timed data $PY make_data.py --env "$ENV" --seed "$SEED" --out "$DATA" "${DATA_ARGS[@]}"
 fi
-N=$(wc -l < "$DATA/alfworld_train.jsonl")
+N=$(wc -l < "${T}_train.jsonl")
 STEPS=$(( (N + BATCH - 1) / BATCH * EPOCHS ))
 SAVE=$(( (STEPS + 3) / 4 ))  # 4 checkpoints per run unless SAVE_STEPS lists them
 SAVE_ARGS=(--save-every "$SAVE")
 [ -z "$SAVE_STEPS" ] || SAVE_ARGS=(--save-steps "$SAVE_STEPS")
+EVAL_ARGS=(--data "$DATA" --env "$ENV" --max-episodes "$EPISODES" --max-steps-factor "$STEP_FACTOR" --seed "$SEED")
 
 stage "2/7 expert and random policies (the ceiling and the floor) on the same episodes"
 for POLICY in expert random; do
-  timed "eval_$POLICY" $PY evaluate.py --policy "$POLICY" --data "$DATA" --env alfworld --max-episodes "$EPISODES" \
-    --max-steps-factor "$STEP_FACTOR" --num-envs 4 --seed "$SEED" --out "$OUT/eval/$POLICY"
+  timed "eval_$POLICY" $PY evaluate.py --policy "$POLICY" "${EVAL_ARGS[@]}" --num-envs "$EXPERT_ENVS" --out "$OUT/eval/$POLICY"
 done
 
 stage "3/7 conflicts: a valid different action a2 and a trace for it, on the probe's steps"
-[ -f "$OUT/conflicts.jsonl" ] || timed conflicts $PY make_conflicts.py --data "$DATA/alfworld_id_test.jsonl" \
-  "$DATA/alfworld_ood_test.jsonl" --pool "$DATA/alfworld_train.jsonl" --max-per-split "$RECORDS" --seed "$SEED" \
-  --out "$OUT/conflicts.jsonl"
+[ -f "$OUT/conflicts.jsonl" ] || timed conflicts $PY make_conflicts.py --data "${T}_id_test.jsonl" "${T}_ood_test.jsonl" \
+  --pool "${T}_train.jsonl" --max-per-split "$RECORDS" --seed "$SEED" --out "$OUT/conflicts.jsonl"
+# conflicts_args NAME: the conflict probe's flags, none where the environment has no valid-action lists (BFCL)
+conflicts_args() { [ ! -s "$OUT/conflicts.jsonl" ] || echo "--conflicts $OUT/conflicts.jsonl --conflicts-out $OUT/conflicts/$1"; }
 
 # The probe measures what the paper's claims are about (actions, log-likelihoods, consistency, revisions,
 # attention and gradient shares). For time it skips rank-1 among all valid actions (--no-candidates) and
@@ -85,9 +109,13 @@ PROBE_ARGS="--max-records $RECORDS --attribution-samples 16 --max-thought-tokens
 --batch-size 16 --max-rows 64 --seed $SEED --threads $THREADS"
 # Each probe stage runs the conflict probe in the same pass: a conflict shares its step's prompt pass.
 stage "4/7 probe and conflict probe of the base model on $RECORDS in-domain + $RECORDS out-of-domain steps"
-# shellcheck disable=SC2086
-timed probe_base $PY probe.py --data "$DATA/alfworld_id_test.jsonl" "$DATA/alfworld_ood_test.jsonl" $PROBE_ARGS \
-  --conflicts "$OUT/conflicts.jsonl" --conflicts-out "$OUT/conflicts/base" --out "$OUT/probe/base"
+# shellcheck disable=SC2086,SC2046
+timed probe_base $PY probe.py --data "${T}_id_test.jsonl" "${T}_ood_test.jsonl" $PROBE_ARGS $(conflicts_args base) \
+  --out "$OUT/probe/base"
+ROLLOUT_ARGS=(--mode both --no-log-both --max-thought-tokens 96 --num-envs "$NUM_ENVS" --max-rows "$NUM_ENVS" --threads "$THREADS")
+if [ -n "$ONLINE_ALL" ]; then  # the base model online: where "both rise" starts
+  timed eval_base $PY evaluate.py "${EVAL_ARGS[@]}" "${ROLLOUT_ARGS[@]}" --out "$OUT/eval/base"
+fi
 
 FIRST_SEED=${SEEDS%% *}
 for S in $SEEDS; do
@@ -97,28 +125,32 @@ for S in $SEEDS; do
     stage "5/7 train $NAME: LoRA SFT, $N steps x $EPOCHS epochs = $STEPS optimizer steps, checkpoints ${SAVE_STEPS:-every $SAVE} -> $RUN"
     if [ ! -f "$RUN/done" ]; then
       # shellcheck disable=SC2086  # TRAIN_ARGS is a word list on purpose
-      timed "train_$NAME" $PY train.py --data "$DATA/alfworld_train.jsonl" --mask-action-frac "$K" --seed "$S" \
+      timed "train_$NAME" $PY train.py --data "${T}_train.jsonl" --mask-action-frac "$K" --seed "$S" \
         --epochs "$EPOCHS" --batch-size "$BATCH" "${SAVE_ARGS[@]}" --log-every 10 --threads "$THREADS" $TRAIN_ARGS \
         --out "$RUN" $( [ -d "$RUN" ] && echo --resume )
       touch "$RUN/done"
     fi
-    stage "6/7 $NAME: rollouts of the last checkpoint (up to $EPISODES in-domain and out-of-domain episodes per mode), probes"
-    timed "eval_$NAME" $PY evaluate.py --adapter "$RUN" --data "$DATA" --env alfworld --mode both --no-log-both \
-      --max-episodes "$EPISODES" --max-steps-factor "$STEP_FACTOR" --max-thought-tokens 96 --num-envs "$NUM_ENVS" \
-      --max-rows "$NUM_ENVS" --seed "$SEED" --threads "$THREADS" --out "$OUT/eval/$NAME"
+    FIRST=0
+    [ "$S" != "$FIRST_SEED" ] || FIRST=1
+    # The first seed's ONLINE_ALL runs are rolled out at every checkpoint (CoT minus prompt across training);
+    # the others at their last.
+    ALL=() WHICH="last checkpoint"
+    [ "$FIRST" = 0 ] || [[ " $ONLINE_ALL " != *" $K "* ]] || { ALL=(--all-checkpoints); WHICH="every checkpoint"; }
+    stage "6/7 $NAME: rollouts of the $WHICH (up to $EPISODES in-domain and out-of-domain episodes per mode; 0 = all), probes"
+    timed "eval_$NAME" $PY evaluate.py --adapter "$RUN" "${ALL[@]}" "${EVAL_ARGS[@]}" "${ROLLOUT_ARGS[@]}" \
+      --out "$OUT/eval/$NAME"
     # The training dynamics come from the first seed's PROBE_ALL runs (every checkpoint); the other runs
     # are compared by their last checkpoint (PROBE_LAST=1) and online.
-    if [ "$S" = "$FIRST_SEED" ] && [[ " $PROBE_ALL " == *" $K "* ]]; then
+    if [ "$FIRST" = 1 ] && [[ " $PROBE_ALL " == *" $K "* ]]; then
       CKPTS=$RUN
     elif [ "$PROBE_LAST" = 1 ]; then
       CKPTS=$(ls -d "$RUN"/checkpoint-* | sort -V | tail -1)  # by step, zero-padded (train.py) or not
     else
       continue
     fi
-    # shellcheck disable=SC2086
-    timed "probe_$NAME" $PY probe.py --no-base --checkpoints "$CKPTS" --data "$DATA/alfworld_id_test.jsonl" \
-      "$DATA/alfworld_ood_test.jsonl" $PROBE_ARGS --conflicts "$OUT/conflicts.jsonl" \
-      --conflicts-out "$OUT/conflicts/$NAME" --out "$OUT/probe/$NAME"
+    # shellcheck disable=SC2086,SC2046
+    timed "probe_$NAME" $PY probe.py --no-base --checkpoints "$CKPTS" --data "${T}_id_test.jsonl" "${T}_ood_test.jsonl" \
+      $PROBE_ARGS $(conflicts_args "$NAME") --out "$OUT/probe/$NAME"
   done
 done
 
