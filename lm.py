@@ -251,19 +251,19 @@ def load_whole_adapter(model, adapter):
     makes (same names, same shapes); ValueError naming the weights file otherwise."""
     from peft import PeftModel, get_peft_model_state_dict
     path = os.path.join(adapter, "adapter_model.safetensors")
-    if os.path.exists(path):
-        from safetensors.torch import load_file
-        saved = load_file(path)
+    if os.path.exists(path):  # names and shapes from the header: the tensors are read once, by PEFT
+        from safetensors import safe_open
+        with safe_open(path, framework="pt") as f:
+            have = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     else:
         path = os.path.join(adapter, "adapter_model.bin")
-        saved = torch.load(path, map_location="cpu", weights_only=True)
+        have = {k: tuple(v.shape) for k, v in torch.load(path, map_location="cpu", weights_only=True).items()}
     try:
         peft_model = PeftModel.from_pretrained(model, adapter)
     except RuntimeError as e:  # torch's "size mismatch for ..." when a tensor has another shape
         first = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), str(e).splitlines()[0])
         raise ValueError(f"{path}: does not fit the model its adapter_config.json describes ({first})") from None
     wanted = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(peft_model).items()}
-    have = {k: tuple(v.shape) for k, v in saved.items()}
     missing, extra = sorted(set(wanted) - set(have)), sorted(set(have) - set(wanted))
     bad_shape = sorted(k for k in set(wanted) & set(have) if wanted[k] != have[k])
     for what, keys in (("missing", missing), ("unexpected", extra), ("misshapen", bad_shape)):

@@ -105,14 +105,17 @@ def digest(obj):
 
 
 def run_info(folder):
-    """(configuration digest, {checkpoint name: info}) of a probe/eval output folder, from its meta.json.
+    """(configuration digest, {checkpoint name: info}, what made it) of a probe/eval output folder, from its meta.json.
 
     info: run (the training run's identity), label (its folder name), k, seed, ckpt (the checkpoint's identity:
     the weights' digest probe.py / evaluate.py recorded in made_from). A run's identity is what train.py says
     defines it (settings and data by content), so a copied run folder is one run and two runs sharing a
     folder name are two. k and seed come from train.py's meta.json beside the checkpoint, else a run.json the
     user wrote in the run folder ({"k": 0.3, "seed": 1}), else a k{k}_seed{seed} folder name; k is a number,
-    "no-CoT", or None (unknown: checkpoints of another trainer), and such runs are labelled by their folder."""
+    "no-CoT", or None (unknown: checkpoints of another trainer), and such runs are labelled by their folder.
+    What made it, for made_from.json: its made_from (result-changing settings, inputs and base model by sha256,
+    checkpoints by weights) and, for each checkpoint train.py wrote, the run it came from (run_identity: settings
+    and data; the base model by content), from the same files."""
     meta_path = os.path.join(folder, "meta.json")
     if not os.path.exists(meta_path):
         fail(f"{meta_path} missing: not a probe.py / evaluate.py output folder")
@@ -126,8 +129,8 @@ def run_info(folder):
         weights = dict(made["checkpoints"]) if made else {}
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         fail(f"{meta_path}: not readable probe.py / evaluate.py metadata ({type(e).__name__}: {e})")
-    info = {}
-    for name, path in listed:
+    info, trained = {}, {}
+    for (name, path), (_, step, _) in zip(listed, meta["checkpoints"]):
         if path is None:  # the base model, or evaluate.py's expert / random policy
             run = name if name in ("expert", "random") else "base"
             model = (made or {}).get("inputs", {}).get("model", "") if run == "base" else ""
@@ -145,6 +148,8 @@ def run_info(folder):
                 a = m["args"]
                 k, seed = ("no-CoT" if a.get("no_cot") else a["mask_action_frac"]), a["seed"]
                 run_id = digest(m["run_identity"]) if "run_identity" in m else run_id
+                trained[name] = {"step": step, "run_identity": m.get("run_identity"), "model_identity": m.get("model_identity"),
+                                 "data": m.get("data"), "versions": m.get("versions")}
             except (OSError, ValueError, KeyError, TypeError) as e:
                 fail(f"{ckpt_meta}: not readable train.py metadata ({type(e).__name__}: {e})")
         elif run_json:
@@ -162,29 +167,13 @@ def run_info(folder):
         ckpt = weights.get(name) or (provenance.folder_digest(path) if os.path.isdir(path) else "path:" + os.path.abspath(path))
         info[name] = {"run": run_id, "label": name.split("/")[0], "k": float(k) if isinstance(k, int) else k,
                       "seed": seed, "ckpt": ckpt, "path": path}
-    return config, info
+    made_by = {"made_from": made, "checkpoints": [[name, step] for name, step, _ in meta["checkpoints"]],
+               "trained": trained, "versions": meta.get("versions")}
+    return config, info, made_by
 
 
-# "<kind>/<folder>" -> what made that output (made_from_of), written to made_from.json beside the tables.
+# "<kind>/<folder>" -> what made that output (run_info), written to made_from.json beside the tables.
 MADE_FROM = {}
-
-
-def made_from_of(folder):
-    """What made one probe / conflicts / eval output, from the files already checked by run_info: its made_from
-    (result-changing settings, inputs and base model by sha256, checkpoints by weights) and, for each checkpoint
-    train.py wrote, the run it came from (run_identity: settings and data; the base model by content)."""
-    with open(os.path.join(folder, "meta.json")) as f:
-        meta = json.load(f)
-    trained = {}
-    for name, step, path in meta["checkpoints"]:
-        ckpt_meta = os.path.join(path, "meta.json") if path else ""
-        if ckpt_meta and os.path.exists(ckpt_meta):
-            with open(ckpt_meta) as f:
-                m = json.load(f)
-            trained[name] = {"step": step, "run_identity": m.get("run_identity"), "model_identity": m.get("model_identity"),
-                             "data": m.get("data"), "versions": m.get("versions")}
-    return {"made_from": meta.get("made_from"), "checkpoints": [[name, step] for name, step, _ in meta["checkpoints"]],
-            "trained": trained, "versions": meta.get("versions")}
 
 
 # (k, seed, env) -> {run identity: where}, and "base" -> {base model identity: where}, over every kind loaded: the
@@ -210,8 +199,7 @@ def load(kind, filename):
         holder = provenance.lock_holder(folder)
         if holder:
             fail(f"{folder} is still being written by {holder}; report it when that run has ended")
-        config, info = run_info(folder)
-        MADE_FROM[os.path.relpath(folder, args.results)] = made_from_of(folder)
+        config, info, MADE_FROM[os.path.relpath(folder, args.results)] = run_info(folder)
         try:
             numbered = jsonio.read_jsonl_lines(path, required=("id", "checkpoint"))
         except jsonio.DataError as e:

@@ -60,7 +60,9 @@ case $ENV in
       PROBE_LAST=${PROBE_LAST:-0}   # 1: also probe the last checkpoint of the other runs
     fi
     DATA_ARGS+=(--alfworld-search 2 --jobs "$THREADS")
-    EXPERT_ENVS=4;;
+    EXPERT_ENVS=4
+    LIMITS_PROBE="--max-thought-tokens 80"  # tokens generated: reasoning + action (an action line: the scripts' default)
+    LIMITS_EVAL="--max-thought-tokens 96";;
   bfcl)
     EPISODES=${EPISODES:-0}         # 0: every test item (190 in domain; TEST_ITEMS out of domain)
     DATA=${DATA:-data/study_bfcl}
@@ -71,7 +73,11 @@ case $ENV in
     PROBE_ALL=${PROBE_ALL:-"0.0 0.3"}
     PROBE_LAST=${PROBE_LAST:-1}
     ONLINE_ALL=${ONLINE_ALL:-"0.0 0.3"}
-    EXPERT_ENVS=1;;
+    EXPERT_ENVS=1
+    # A call list runs long (train actions: median 32 tokens, 95th percentile 109, longest 241; thoughts up to
+    # 139): the limits let nearly every action finish, in both modes alike.
+    LIMITS_PROBE="--max-action-tokens 192 --max-thought-tokens 288"
+    LIMITS_EVAL=$LIMITS_PROBE;;
   *) echo "error: ENV=$ENV: expected alfworld or bfcl" >&2; exit 2;;
 esac
 mkdir -p "$OUT"
@@ -105,14 +111,15 @@ conflicts_args() { [ ! -s "$OUT/conflicts.jsonl" ] || echo "--conflicts $OUT/con
 # The probe measures what the paper's claims are about (actions, log-likelihoods, consistency, revisions,
 # attention and gradient shares). For time it skips rank-1 among all valid actions (--no-candidates) and
 # keeps 3 points of the truncation curve; probe.py's defaults measure both in full.
-PROBE_ARGS="--max-records $RECORDS --attribution-samples 16 --max-thought-tokens 80 --no-candidates --trunc-fracs 0,0.5,1 \
+PROBE_ARGS="--max-records $RECORDS --attribution-samples 16 $LIMITS_PROBE --no-candidates --trunc-fracs 0,0.5,1 \
 --batch-size 16 --max-rows 64 --seed $SEED --threads $THREADS"
 # Each probe stage runs the conflict probe in the same pass: a conflict shares its step's prompt pass.
 stage "4/7 probe and conflict probe of the base model on $RECORDS in-domain + $RECORDS out-of-domain steps"
 # shellcheck disable=SC2086,SC2046
 timed probe_base $PY probe.py --data "${T}_id_test.jsonl" "${T}_ood_test.jsonl" $PROBE_ARGS $(conflicts_args base) \
   --out "$OUT/probe/base"
-ROLLOUT_ARGS=(--mode both --no-log-both --max-thought-tokens 96 --num-envs "$NUM_ENVS" --max-rows "$NUM_ENVS" --threads "$THREADS")
+# shellcheck disable=SC2206  # LIMITS_EVAL is a word list on purpose
+ROLLOUT_ARGS=(--mode both --no-log-both $LIMITS_EVAL --num-envs "$NUM_ENVS" --max-rows "$NUM_ENVS" --threads "$THREADS")
 if [ -n "$ONLINE_ALL" ]; then  # the base model online: where "both rise" starts
   timed eval_base $PY evaluate.py "${EVAL_ARGS[@]}" "${ROLLOUT_ARGS[@]}" --out "$OUT/eval/base"
 fi
