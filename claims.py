@@ -55,7 +55,7 @@ def fmt(value, lo, hi, t, signed=True):
     f = "{:+.2f}" if signed else "{:.2f}"
     out = f"{f.format(value)} [{f.format(lo)}, {f.format(hi)}]"
     t = parse_t(t)
-    return out + (f"; t [{f.format(t[0])}, {f.format(t[1])}]" if t else "; one seed")
+    return out + (f"; t [{f.format(t[0])}, {f.format(t[1])}]" if t else "")  # one seed: the verdict says so
 
 
 def side(lo, hi, t, line=0.0):
@@ -145,13 +145,16 @@ def judge(env, pooled, effect):
     online = pooled_effect.get(("score (cot mode)", "ood_test"))
     offline = pooled_effect.get(("cot_correct", "ood_test"))
     moves = online and (online["diff_lo"], online["diff_hi"]) != (0.0, 0.0)  # no game's score changed: no power
-    primary, name = (online, "online CoT-mode score") if moves else (offline, "offline CoT accuracy")
+    primary, name = (online, "online CoT-mode score") if moves or not offline else (offline, "offline CoT accuracy")
     if primary:
-        other = offline if moves else online
-        extra = (f"; offline CoT accuracy {offline['diff']:+.2f}" if other is offline and offline else
+        other = offline if primary is online else online
+        extra = ("; no game's score changed" if primary is online and not moves else
+                 f"; offline CoT accuracy {offline['diff']:+.2f}" if other is offline and offline else
                  f"; online CoT-mode score {online['diff']:+.2f} (no game changed)" if other is online and online else "")
+        verdict = ("cannot decide: no power" + seeds_note(primary) if primary is online and not moves else
+                   directional(primary, "diff", 1, ("supported", "contradicted", "not supported: the interval holds 0")))
         add("k_ood", f"{name} " + fmt(primary["diff"], primary["diff_lo"], primary["diff_hi"], primary["diff_t"]) + extra,
-            directional(primary, "diff", 1, ("supported", "contradicted", "not supported: the interval holds 0")))
+            verdict)
     return rows
 
 

@@ -64,6 +64,9 @@ def test_k_effect_online_first_offline_where_no_game_moved():
     assert rows["k_ood"]["measured"].startswith("offline CoT accuracy +0.05")
     assert rows["k_ood"]["verdict"] == "not supported: the interval holds 0"
     assert rows["k_ood"]["paper"] == "0.55 -> 0.63"
+    # No game won by either k and nothing probed offline: no power, not evidence against the claim.
+    rows = {r["claim"]: r for r in claims.judge("alfworld", base, still[:1])}
+    assert rows["k_ood"]["verdict"] == "cannot decide: no power"
 
 
 def write_eval(results, name, ckpts, episodes):
