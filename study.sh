@@ -64,12 +64,12 @@ case $ENV in
     LIMITS_PROBE="--max-thought-tokens 80"  # tokens generated: reasoning + action (an action line: the scripts' default)
     LIMITS_EVAL="--max-thought-tokens 96";;
   bfcl)
-    EPISODES=${EPISODES:-0}         # 0: every test item (190 in domain; TEST_ITEMS out of domain)
+    EPISODES=${EPISODES:-190}       # items rolled out per split: every in-domain test item, as many out of domain
     DATA=${DATA:-data/study_bfcl}
     OUT=${OUT:-results/study_bfcl}
     SEEDS=${SEEDS:-"0 1 2"}
-    DATA_ARGS=(--bfcl-train "${TRAIN_ITEMS:-400}" --bfcl-test "${TEST_ITEMS:-400}")
-    SAVE_STEPS=${SAVE_STEPS:-5,10,20,35}
+    DATA_ARGS=(--bfcl-train "${TRAIN_ITEMS:-400}" --bfcl-test "${TEST_ITEMS:-400}")  # 1 epoch: 50 steps
+    SAVE_STEPS=${SAVE_STEPS:-10,25}
     PROBE_ALL=${PROBE_ALL:-"0.0 0.3"}
     PROBE_LAST=${PROBE_LAST:-1}
     ONLINE_ALL=${ONLINE_ALL:-"0.0 0.3"}
