@@ -282,21 +282,28 @@ class HFPolicy:
             keep = [i for i, f in enumerate(fit) if f]
             got = iter(self.act(*[[xs[i] for i in keep] for xs in (keys_list, messages_list, wants)]) if keep else [])
             return [next(got) if f else None for f in fit]
+        # States with the same prompt (one task's prompt-mode and CoT-mode episodes at their first step; every step
+        # of a one-step environment like BFCL) run it once, as one row, and branch from it.
+        row_of, first_with, unique = [], {}, []  # state -> its prompt's row; row -> the first state with that prompt
+        for i, e in enumerate(enc):
+            row_of.append(first_with.setdefault(tuple(e[0]), len(first_with)))
+            if row_of[-1] == len(unique):
+                unique.append(i)
         branches, keys = [], []
         for i, want in enumerate(wants):
             if "prompt" in want:
-                branches.append({"row": i, "prefix": enc[i][1], "max_new": args.max_action_tokens, "stop": "line"})
+                branches.append({"row": row_of[i], "prefix": enc[i][1], "max_new": args.max_action_tokens, "stop": "line"})
                 keys.append((i, "prompt"))
             if "cot" in want:
-                branches.append({"row": i, "prefix": decode.encode_parts(self.tok, [prompts[i], thought_tag])[1],
+                branches.append({"row": row_of[i], "prefix": decode.encode_parts(self.tok, [prompts[i], thought_tag])[1],
                                  "max_new": args.max_thought_tokens, "stop": "action"})
                 keys.append((i, "cot"))
-        reuse = [self.cache.get(k, self.opening) for k in keys_list]
-        state = decode.encode_prompts(self.model, [e[0] for e in enc], self.tok.pad_token_id, reuse=reuse)
-        for r, k in enumerate(keys_list):
+        reuse = [self.cache.get(keys_list[i], self.opening) for i in unique]
+        state = decode.encode_prompts(self.model, [enc[i][0] for i in unique], self.tok.pad_token_id, reuse=reuse)
+        for i, k in enumerate(keys_list):
             if k not in self.cache and self.opening is None:
-                self.opening = decode.prompt_cache(state, r)
-            self.cache[k] = decode.prompt_cache(state, r)
+                self.opening = decode.prompt_cache(state, row_of[i])
+            self.cache[k] = decode.prompt_cache(state, row_of[i])
         out = [{} for _ in wants]
         for (i, mode), res in zip(keys, decode.run_branches(self.model, self.tok, state, branches, args.max_rows)):
             out[i][mode] = res["text"]
@@ -606,7 +613,8 @@ if rank == 0:  # one writer and one configuration per output folder, checked bef
 if world > 1:
     lm.barrier(world)
 done = {r["id"] for r in latest(jsonio.read_done_all(out_path)) if not r["errored"]}  # errored episodes run again
-todos = [[ep for mode in modes for t in tasks for ep in [new_episode(t, mode, ckpt)] if ep["id"] not in done][rank::world]
+# A task's modes side by side: its episodes start in one batch and share their first prompt's pass (HFPolicy.act).
+todos = [[ep for t in tasks for mode in modes for ep in [new_episode(t, mode, ckpt)] if ep["id"] not in done][rank::world]
          for ckpt in ckpts]
 # The workers start first: they import and build their environments while this process loads the model.
 workers = [Worker({t["env"] for t in tasks}) for _ in range(min(args.num_envs, max(map(len, todos), default=0)))]

@@ -138,15 +138,17 @@ def test_bad_inputs_fail_clearly(tiny_model, tmp_path):
     assert proc.returncode != 0 and "adapter folder not found" in proc.stderr
 
 
-def test_batched_backend_matches_reference_generate_loop(tiny_model, all_data, tmp_path):
+@pytest.mark.parametrize("modes", [("--mode", "cot"), ("--mode", "both", "--no-log-both")])
+def test_batched_backend_matches_reference_generate_loop(modes, tiny_model, all_data, tmp_path):
     # 4 lockstep envs through decode.run_branches (batched, each prompt reusing the last one's KV cache)
-    # against one HF generate call per state and mode: the same greedy text at every step.
-    argv = ["evaluate.py", "--model", tiny_model, "--data", str(all_data), "--max-episodes", "1", "--mode", "cot",
+    # against one HF generate call per state and mode: the same greedy text at every step. With both modes, a
+    # task's two episodes share their first prompt's pass (one row, two branches; every step of a BFCL item).
+    argv = ["evaluate.py", "--model", tiny_model, "--data", str(all_data), "--max-episodes", "1", *modes,
             "--env", "alfworld,bfcl", *TINY]
     run(*argv, "--num-envs", "4", "--out", str(tmp_path / "hf"))
     run(*argv, "--num-envs", "1", "--backend", "generate", "--out", str(tmp_path / "ref"))
     hf, ref = ({r["id"]: r for r in read(tmp_path / d / "episodes.jsonl")} for d in ("hf", "ref"))
-    assert set(hf) == set(ref) and len(hf) == 4
+    assert set(hf) == set(ref) and len(hf) == (8 if "both" in modes else 4)
     for i in hf:
         got = [(s["output"], s["action"], s["other_action"]) for s in hf[i]["transcript"]]
         assert got == [(s["output"], s["action"], s["other_action"]) for s in ref[i]["transcript"]], i
