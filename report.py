@@ -567,10 +567,14 @@ if episodes:
             ("games for +-0.05", "games_for_0.05")]), ""]
     # Across checkpoints (evaluate.py --all-checkpoints): does the CoT advantage stay flat while both modes rise?
     # The base model's games (step 0) start every run's curve.
-    by_ckpt = [o for o in online.values() if o["step"] > 0]
-    if len({(o["run"], o["step"]) for o in by_ckpt}) > len({o["run"] for o in by_ckpt}):
-        runs = sorted({o["run"] for o in by_ckpt})
-        curve = by_ckpt + [dict(o, run=run) for o in online.values() if o["run"] == "base" for run in runs]
+    steps_of = {}
+    for o in online.values():
+        if o["step"] > 0:
+            steps_of.setdefault(o["run"], set()).add(o["step"])
+    runs = sorted(run for run, at in steps_of.items() if len(at) > 1)  # the runs rolled out at several checkpoints
+    if runs:
+        curve = [o for o in online.values() if o["run"] in runs] + [
+            dict(o, run=run) for o in online.values() if o["run"] == "base" for run in runs]
         crows = table([o for o in curve if "won_cot_minus_prompt" in o], ["run", "split", "step"],
                       [f"{m}_{mode}" for m in ("score", "won") for mode in ("prompt", "cot", "cot_minus_prompt")])
         fig = by_split_figure(crows, [("score_prompt", "prompt mode"), ("score_cot", "CoT mode"),

@@ -38,6 +38,7 @@ STEP_FACTOR=${STEP_FACTOR:-2}       # a rollout may take 2x the expert's steps
 NUM_ENVS=${NUM_ENVS:-32}            # rollouts decoded together
 RECORDS=${RECORDS:-100}             # probe and conflict records per split
 ONLINE_ALL=${ONLINE_ALL:-}          # the first seed's runs rolled out at every checkpoint (and the base model)
+MODEL=${MODEL:-smollm2-135m}        # the base model of every stage: the embedded default, a hub id or a local folder
 case $ENV in
   alfworld)
     EPISODES=${EPISODES:-64}        # rollouts per split, mode and run (at most)
@@ -111,7 +112,7 @@ conflicts_args() { [ ! -s "$OUT/conflicts.jsonl" ] || echo "--conflicts $OUT/con
 # The probe measures what the paper's claims are about (actions, log-likelihoods, consistency, revisions,
 # attention and gradient shares). For time it skips rank-1 among all valid actions (--no-candidates) and
 # keeps 3 points of the truncation curve; probe.py's defaults measure both in full.
-PROBE_ARGS="--max-records $RECORDS --attribution-samples 16 $LIMITS_PROBE --no-candidates --trunc-fracs 0,0.5,1 \
+PROBE_ARGS="--model $MODEL --max-records $RECORDS --attribution-samples 16 $LIMITS_PROBE --no-candidates --trunc-fracs 0,0.5,1 \
 --batch-size 16 --max-rows 64 --seed $SEED --threads $THREADS"
 # Each probe stage runs the conflict probe in the same pass: a conflict shares its step's prompt pass.
 stage "4/7 probe and conflict probe of the base model on $RECORDS in-domain + $RECORDS out-of-domain steps"
@@ -119,7 +120,7 @@ stage "4/7 probe and conflict probe of the base model on $RECORDS in-domain + $R
 timed probe_base $PY probe.py --data "${T}_id_test.jsonl" "${T}_ood_test.jsonl" $PROBE_ARGS $(conflicts_args base) \
   --out "$OUT/probe/base"
 # shellcheck disable=SC2206  # LIMITS_EVAL is a word list on purpose
-ROLLOUT_ARGS=(--mode both --no-log-both $LIMITS_EVAL --num-envs "$NUM_ENVS" --max-rows "$NUM_ENVS" --threads "$THREADS")
+ROLLOUT_ARGS=(--model "$MODEL" --mode both --no-log-both $LIMITS_EVAL --num-envs "$NUM_ENVS" --max-rows "$NUM_ENVS" --threads "$THREADS")
 if [ -n "$ONLINE_ALL" ]; then  # the base model online: where "both rise" starts
   timed eval_base $PY evaluate.py "${EVAL_ARGS[@]}" "${ROLLOUT_ARGS[@]}" --out "$OUT/eval/base"
 fi
@@ -132,7 +133,7 @@ for S in $SEEDS; do
     stage "5/7 train $NAME: LoRA SFT, $N steps x $EPOCHS epochs = $STEPS optimizer steps, checkpoints ${SAVE_STEPS:-every $SAVE} -> $RUN"
     if [ ! -f "$RUN/done" ]; then
       # shellcheck disable=SC2086  # TRAIN_ARGS is a word list on purpose
-      timed "train_$NAME" $PY train.py --data "${T}_train.jsonl" --mask-action-frac "$K" --seed "$S" \
+      timed "train_$NAME" $PY train.py --model "$MODEL" --data "${T}_train.jsonl" --mask-action-frac "$K" --seed "$S" \
         --epochs "$EPOCHS" --batch-size "$BATCH" "${SAVE_ARGS[@]}" --log-every 10 --threads "$THREADS" $TRAIN_ARGS \
         --out "$RUN" $( [ -d "$RUN" ] && echo --resume )
       touch "$RUN/done"
