@@ -5,7 +5,7 @@
 #   make demo    the whole study, small, on the embedded SmolLM2-135M (16 min on 2 CPU cores from a fresh clone, measured)
 #   make study   the study on ALFWorld, sized for 2 hours on 2 CPU cores (study.sh; resumes after a kill)
 #   make study-real ALFWORLD_DATA=DIR   the study per environment (ENVS="alfworld bfcl"; the real ALFWorld games),
-#                training seeds 0 1 2, then studies/claims.md across them (ALFWorld about 6.5 h)
+#                training seeds 0 1 2, then studies/claims/ across them (ALFWorld about 6.5 h)
 #   make test-slow   end-to-end tests on the real embedded model (minutes)
 #   make bench-deps  TRL, only for bench/train_speed.py
 #   make gpu-check   the CUDA path end to end on a random-weight Qwen3-style model (bench/gpu_check.py)
@@ -43,7 +43,7 @@ study: setup
 # One study per environment, one after another (each resumes), then the claims table across every one committed.
 study-real: alfworld-data-given setup
 	for env in $(ENVS); do SEED=$(SEED) ENV=$$env ALFWORLD_DATA="$(ALFWORLD_DATA)" bash study.sh || exit 1; done
-	$(PY) report.py --combine $$(for d in $(STUDIES_REAL); do [ ! -f $$d/claims.csv ] || echo $$d; done) --combine-out studies/claims.md
+	$(PY) report.py --combine $$(for d in $(STUDIES_REAL); do [ ! -f $$d/claims.csv ] || echo $$d; done) --combine-out studies/claims
 
 alfworld-data-given:
 	@case " $(ENVS) " in *" alfworld "*) test -n "$(ALFWORLD_DATA)" || { echo "error: make study-real needs ALFWORLD_DATA=DIR, a folder holding json_2.1.1/train and json_2.1.1/valid_seen (or ENVS without alfworld)" >&2; exit 2; };; esac

@@ -42,7 +42,7 @@ parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
 parser.add_argument("--combine", nargs="+", metavar="STUDY",
                     help="instead: set the claims.csv of these study folders (studies/<study>, one environment each) side "
                          "by side, a column per environment, into --combine-out")
-parser.add_argument("--combine-out", default="studies/claims.md", help="markdown written by --combine (its CSV beside it)")
+parser.add_argument("--combine-out", default="studies/claims", help="folder --combine writes results.md and claims.csv to")
 args = parser.parse_args()
 
 import matplotlib  # noqa: E402
@@ -66,9 +66,13 @@ if args.combine:  # the claims table across environments, from committed study f
         path = os.path.join(folder, "claims.csv")
         try:
             with open(path, newline="") as f:
-                found = list(csv.DictReader(f))
-        except OSError as e:
-            sys.exit(f"error: {path}: {e.strerror} (run report.py on that study first)")
+                reader = csv.DictReader(f)
+                found = list(reader)
+        except (OSError, UnicodeDecodeError, csv.Error) as e:
+            sys.exit(f"error: {path}: {getattr(e, 'strerror', None) or e} (run report.py on that study first)")
+        lacking = [c for c in ("env", "claim", "measured", "verdict") if c not in (reader.fieldnames or [])]
+        if lacking:
+            sys.exit(f"error: {path}:1: no column {lacking[0]!r}: not a claims.csv report.py wrote")
         for r in found:
             if (r["claim"], r["env"]) in sources:
                 sys.exit(f"error: {path}: {r['env']} is also in {sources[(r['claim'], r['env'])]}: one study per environment")
@@ -79,9 +83,10 @@ if args.combine:  # the claims table across environments, from committed study f
     text = ("# The paper's claims across environments\n\n" + claims.__doc__.split("\n\n")[1].strip().replace("\n", " ")
             + "\n\nMade by `python report.py --combine " + " ".join(args.combine) + "` from: "
             + ", ".join(f"`{os.path.join(f, 'claims.csv')}`" for f in args.combine) + ".\n\n" + claims.table(rows, envs) + "\n")
-    jsonio.write_text_atomic(args.combine_out, text)
-    jsonio.write_csv_atomic(os.path.splitext(args.combine_out)[0] + ".csv", rows)
-    print(f"claims of {', '.join(envs)} -> {args.combine_out}")
+    provenance.claim_output(args.combine_out, lambda msg: sys.exit(f"error: {msg}"))
+    jsonio.write_text_atomic(os.path.join(args.combine_out, "results.md"), text)
+    jsonio.write_csv_atomic(os.path.join(args.combine_out, "claims.csv"), rows)
+    print(f"claims of {', '.join(envs)} -> {args.combine_out}/results.md")
     sys.exit(0)
 
 OUT = os.path.join(args.results, "report")

@@ -117,15 +117,18 @@ def test_combine_sets_environments_side_by_side_and_refuses_two_studies_of_one(t
             w.writeheader()
             w.writerow({"env": env, "claim": "consistency", "statement": claims.CLAIMS["consistency"],
                         "measured": "+0.30 [+0.20, +0.40]; t [+0.10, +0.50]", "verdict": verdict, "paper": ""})
-    out = tmp_path / "claims.md"
+    out = tmp_path / "claims"
     run("report.py", "--combine", str(tmp_path / "b"), str(tmp_path / "a"), "--combine-out", str(out))
-    text = out.read_text()
+    text = (out / "results.md").read_text()
     assert "| claim (PAPER.md) | ALFWorld | BFCL single-turn | paper (reported, secondary) |" in text
     assert "| consistency (prompt action = CoT action) rises | **supported**: +0.30" in text
     assert "**contradicted**" in text and "not measured" in text  # the other claims
-    assert (tmp_path / "claims.csv").exists()
+    assert (out / "claims.csv").exists()
     r = run("report.py", "--combine", str(tmp_path / "b"), str(tmp_path / "c"), "--combine-out", str(out), check=False)
     assert r.returncode != 0 and "one study per environment" in r.stderr
+    (tmp_path / "c" / "claims.csv").write_text("env,claim\nbfcl,consistency\n")
+    r = run("report.py", "--combine", str(tmp_path / "c"), "--combine-out", str(out), check=False)
+    assert r.returncode != 0 and "c/claims.csv:1: no column 'measured'" in r.stderr and "Traceback" not in r.stderr
 
 
 @pytest.mark.parametrize("text,parsed", [("[-0.02, 0.55]", (-0.02, 0.55)), ("", None), (None, None)])
