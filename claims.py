@@ -58,9 +58,14 @@ def fmt(value, lo, hi, t, signed=True):
     return out + (f"; t [{f.format(t[0])}, {f.format(t[1])}]" if t else "")  # one seed: the verdict says so
 
 
+def intervals(lo, hi, t):
+    """The bootstrap interval and, with several seeds, the t interval ('[a, b]' text)."""
+    return [(lo, hi)] + ([parse_t(t)] if parse_t(t) else [])
+
+
 def side(lo, hi, t, line=0.0):
     """+1 when both intervals are above line, -1 when both are below, else 0 (one seed: the bootstrap's alone)."""
-    boxes = [(lo, hi)] + ([parse_t(t)] if parse_t(t) else [])
+    boxes = intervals(lo, hi, t)
     if all(a > line for a, _ in boxes):
         return 1
     if all(b < line for _, b in boxes):
@@ -106,9 +111,7 @@ def judge(env, pooled, effect):
     rp, rc, rd = change("score_prompt"), change("score_cot"), change("score_cot_minus_prompt")
     if rp and rc and rd:
         rise = [side(x["change_lo"], x["change_hi"], x["change_t"]) for x in (rp, rc)]
-        t = parse_t(rd["change_t"])
-        boxes = [(rd["change_lo"], rd["change_hi"])] + ([t] if t else [])
-        flat = (1 if all(-FLAT_MARGIN < a and b < FLAT_MARGIN for a, b in boxes)
+        flat = (1 if all(-FLAT_MARGIN < a and b < FLAT_MARGIN for a, b in intervals(rd["change_lo"], rd["change_hi"], rd["change_t"]))
                 else -1 if side(rd["change_lo"], rd["change_hi"], rd["change_t"]) else 0)
         verdict = ("supported" if rise == [1, 1] and flat == 1 else
                    "contradicted" if -1 in rise or flat == -1 else "cannot decide") + seeds_note(rp, rc, rd)
@@ -134,8 +137,7 @@ def judge(env, pooled, effect):
     r = got.get(("grad_prompt", "id_test"))
     if r:
         lo_r, hi_r = GRADIENT_RANGE
-        t = parse_t(r["value_t"])
-        boxes = [(r["value_lo"], r["value_hi"])] + ([t] if t else [])
+        boxes = intervals(r["value_lo"], r["value_hi"], r["value_t"])
         inside = all(lo_r <= a and b <= hi_r for a, b in boxes)
         outside = all(b < lo_r or a > hi_r for a, b in boxes)
         add("gradient", fmt(r["value"], r["value_lo"], r["value_hi"], r["value_t"], False),
@@ -156,6 +158,11 @@ def judge(env, pooled, effect):
         add("k_ood", f"{name} " + fmt(primary["diff"], primary["diff_lo"], primary["diff_hi"], primary["diff_t"]) + extra,
             verdict)
     return rows
+
+
+def rule():
+    """The verdict rule, as one paragraph for a report (this module's docstring, second paragraph)."""
+    return __doc__.split("\n\n")[1].strip().replace("\n", " ")
 
 
 def table(rows, envs):

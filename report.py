@@ -59,6 +59,10 @@ import stats  # noqa: E402
 
 cli.exit_cleanly()
 
+def fail(msg):
+    sys.exit(f"error: {msg}")
+
+
 if args.combine:  # the claims table across environments, from committed study folders only
     import csv
     rows, sources = [], {}
@@ -69,21 +73,21 @@ if args.combine:  # the claims table across environments, from committed study f
                 reader = csv.DictReader(f)
                 found = list(reader)
         except (OSError, UnicodeDecodeError, csv.Error) as e:
-            sys.exit(f"error: {path}: {getattr(e, 'strerror', None) or e} (run report.py on that study first)")
+            fail(f"{path}: {getattr(e, 'strerror', None) or e} (run report.py on that study first)")
         lacking = [c for c in ("env", "claim", "measured", "verdict") if c not in (reader.fieldnames or [])]
         if lacking:
-            sys.exit(f"error: {path}:1: no column {lacking[0]!r}: not a claims.csv report.py wrote")
+            fail(f"{path}:1: no column {lacking[0]!r}: not a claims.csv report.py wrote")
         for r in found:
             if (r["claim"], r["env"]) in sources:
-                sys.exit(f"error: {path}: {r['env']} is also in {sources[(r['claim'], r['env'])]}: one study per environment")
+                fail(f"{path}: {r['env']} is also in {sources[(r['claim'], r['env'])]}: one study per environment")
             sources[(r["claim"], r["env"])] = path
             rows.append(r)
     envs = [e for e in claims.ENV_NAMES if any(r["env"] == e for r in rows)]
     envs += sorted({r["env"] for r in rows} - set(envs))
-    text = ("# The paper's claims across environments\n\n" + claims.__doc__.split("\n\n")[1].strip().replace("\n", " ")
+    text = ("# The paper's claims across environments\n\n" + claims.rule()
             + "\n\nMade by `python report.py --combine " + " ".join(args.combine) + "` from: "
             + ", ".join(f"`{os.path.join(f, 'claims.csv')}`" for f in args.combine) + ".\n\n" + claims.table(rows, envs) + "\n")
-    provenance.claim_output(args.combine_out, lambda msg: sys.exit(f"error: {msg}"))
+    provenance.claim_output(args.combine_out, fail)
     jsonio.write_text_atomic(os.path.join(args.combine_out, "results.md"), text)
     jsonio.write_csv_atomic(os.path.join(args.combine_out, "claims.csv"), rows)
     print(f"claims of {', '.join(envs)} -> {args.combine_out}/results.md")
@@ -92,10 +96,6 @@ if args.combine:  # the claims table across environments, from committed study f
 OUT = os.path.join(args.results, "report")
 SPLITS = ("id_test", "ood_test")
 SPLIT_NAME = {"id_test": "in-domain", "ood_test": "out-of-domain"}
-
-
-def fail(msg):
-    sys.exit(f"error: {msg}")
 
 
 # Fields that differ between copies of one result (timing, retries, the name the checkpoint was listed under).
@@ -656,7 +656,7 @@ for env in ENVS:
     verdicts += claims.judge(env, pooled(p, c, [o for o in online.values() if o.get("env") == env]), effects(p, c, e))
 if verdicts:
     jsonio.write_csv_atomic(os.path.join(OUT, "claims.csv"), verdicts)
-    md[4:4] = ["## The paper's claims, per environment", "", claims.__doc__.split("\n\n")[1].strip().replace("\n", " "), "",
+    md[4:4] = ["## The paper's claims, per environment", "", claims.rule(), "",
                claims.table(verdicts, [e for e in ENVS if any(v["env"] == e for v in verdicts)]), ""]
 jsonio.write_text_atomic(os.path.join(OUT, "results.md"), "\n".join(md) + "\n")
 # Every output the tables come from, by identity: a committed report can be traced to what made each number.
