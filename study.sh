@@ -75,8 +75,8 @@ case $ENV in
     PROBE_LAST=${PROBE_LAST:-1}
     ONLINE_ALL=${ONLINE_ALL:-"0.0 0.3"}
     EXPERT_ENVS=1
-    # A call list runs long (train actions: median 32 tokens, 95th percentile 109, longest 241; thoughts up to
-    # 139): the limits let nearly every action finish, in both modes alike.
+    # A call list runs long (the study's train actions: median 31 tokens, 95th percentile 105, longest 195;
+    # thoughts up to 130 out of domain; bench/token_lengths.py): every action can finish, in both modes alike.
     LIMITS_PROBE="--max-action-tokens 192 --max-thought-tokens 288"
     LIMITS_EVAL=$LIMITS_PROBE;;
   *) echo "error: ENV=$ENV: expected alfworld or bfcl" >&2; exit 2;;
