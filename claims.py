@@ -73,8 +73,16 @@ def side(lo, hi, t, line=0.0):
     return 0
 
 
+def seeds(row):
+    """Training seeds behind a row: pooled_over_seeds' `seeds`, or k_effect's 'pooled (N)' (a per-seed row: 1)."""
+    if "seeds" in row:
+        return int(row["seeds"])
+    m = re.match(r"pooled \((\d+)\)$", str(row.get("seed", "")))
+    return int(m.group(1)) if m else 1
+
+
 def seeds_note(*rows):
-    return " (one seed)" if any(not parse_t(r.get("value_t") or r.get("change_t") or r.get("diff_t")) for r in rows) else ""
+    return " (one seed)" if any(seeds(r) < 2 for r in rows) else ""
 
 
 def directional(row, key, expect, words=("supported", "contradicted", "cannot decide")):

@@ -10,8 +10,8 @@ from conftest import run
 
 
 def pooled(metric, split="id_test", k=0.0, value=0.5, lo=0.4, hi=0.6, t="[0.35, 0.65]", change=None, change_lo=None,
-           change_hi=None, change_t=""):
-    return {"metric": metric, "split": split, "k": k, "seeds": 3, "n": 300, "value": value, "value_lo": lo,
+           change_hi=None, change_t="", seeds=3):
+    return {"metric": metric, "split": split, "k": k, "seeds": seeds, "n": 300, "value": value, "value_lo": lo,
             "value_hi": hi, "value_t": t, "change": change, "change_lo": change_lo, "change_hi": change_hi,
             "change_t": change_t}
 
@@ -29,7 +29,7 @@ def test_a_verdict_needs_both_intervals_on_one_side():
                             change_t="[-0.3, -0.1]")])["consistency"] == "contradicted"
     # One seed: no t interval, and the verdict says so.
     assert verdicts([pooled("consistent", change=0.2, change_lo=0.1, change_hi=0.3, t="",
-                            change_t="")])["consistency"] == "supported (one seed)"
+                            change_t="", seeds=1)])["consistency"] == "supported (one seed)"
 
 
 def test_gradient_share_inside_outside_or_undecided():
