@@ -12,6 +12,8 @@
 #     from the held-out types (valid_seen first); SEEDS="0 1 2". Every run's last checkpoint is probed; the
 #     first seed's runs also at the dense early grid SAVE_STEPS (the curves move before step 33 of 130).
 #     About 6.5 h on 2 cores (measured).
+#   ENV=scienceworld: 2 train variations per in-domain task, 3 test variations per task (gold path up to 60 steps);
+#     out of domain the last task of each topic; SEEDS="0 1 2"; the base model rolled out too (ONLINE_BASE).
 #   ENV=bfcl: single-turn BFCL, in domain simple/multiple/parallel/parallel_multiple, out of domain the
 #     live_* categories; SEEDS="0 1 2". One step per item, so online is cheap: the first seed's runs (and the
 #     base model) are rolled out at every checkpoint (ONLINE_ALL), the paper's "stays flat" measured online.
@@ -21,6 +23,7 @@
 # studies/<basename of OUT>/ (STUDY_DIR), the folder git tracks.
 #   bash study.sh                                          (what `make study` runs)
 #   ALFWORLD_DATA=~/alfworld_data bash study.sh            (the real-games study, 3 seeds)
+#   ENV=scienceworld bash study.sh                         (make study-real ENVS=scienceworld)
 #   ENV=bfcl bash study.sh                                 (make study-real ENVS=bfcl)
 #   SEED=1 OUT=results/study_seed1 bash study.sh
 set -euo pipefail
@@ -38,6 +41,7 @@ STEP_FACTOR=${STEP_FACTOR:-2}       # a rollout may take 2x the expert's steps
 NUM_ENVS=${NUM_ENVS:-32}            # rollouts decoded together
 RECORDS=${RECORDS:-100}             # probe and conflict records per split
 ONLINE_ALL=${ONLINE_ALL:-}          # the first seed's runs rolled out at every checkpoint (and the base model)
+ONLINE_BASE=${ONLINE_BASE:-}        # 1: the base model rolled out (always with ONLINE_ALL)
 MODEL=${MODEL:-smollm2-135m}        # the base model of every stage: the embedded default, a hub id or a local folder
 case $ENV in
   alfworld)
@@ -79,7 +83,23 @@ case $ENV in
     # thoughts up to 130 out of domain; bench/token_lengths.py): every action can finish, in both modes alike.
     LIMITS_PROBE="--max-action-tokens 192 --max-thought-tokens 288"
     LIMITS_EVAL=$LIMITS_PROBE;;
-  *) echo "error: ENV=$ENV: expected alfworld or bfcl" >&2; exit 2;;
+  scienceworld)
+    # Sizes and why: studies/study_sciworld/README.md. Online the measure is the score (partial credit), success beside it.
+    EPISODES=${EPISODES:-64}        # episodes per split and mode (at most; 3 per task is about 45 in domain, 21 out)
+    DATA=${DATA:-data/study_sciworld}
+    OUT=${OUT:-results/study_sciworld}
+    SEEDS=${SEEDS:-"0 1 2"}
+    DATA_ARGS=(--sciworld-train-per-task "${TRAIN_PER_TASK:-2}" --sciworld-test-per-task "${TEST_PER_TASK:-3}"
+               --sciworld-tasks "${SCIWORLD_TASKS:-all}")
+    SAVE_STEPS=${SAVE_STEPS:-10,30}  # and the last (about 85 steps)
+    PROBE_ALL=${PROBE_ALL:-"0.0 0.3"}
+    PROBE_LAST=${PROBE_LAST:-1}
+    ONLINE_BASE=${ONLINE_BASE:-1}   # the base model online too: where "both rise" starts, on score
+    EXPERT_ENVS=4
+    # Train actions run to 15 tokens, thoughts to 57 (bench/token_lengths.py): the ALFWorld limits hold.
+    LIMITS_PROBE="--max-thought-tokens 80"
+    LIMITS_EVAL="--max-thought-tokens 96";;
+  *) echo "error: ENV=$ENV: expected alfworld, scienceworld or bfcl" >&2; exit 2;;
 esac
 mkdir -p "$OUT"
 stage() { printf '\n== [%s] %s\n' "$(date +%H:%M:%S)" "$*"; }
@@ -121,7 +141,7 @@ timed probe_base $PY probe.py --data "${T}_id_test.jsonl" "${T}_ood_test.jsonl" 
   --out "$OUT/probe/base"
 # shellcheck disable=SC2206  # LIMITS_EVAL is a word list on purpose
 ROLLOUT_ARGS=(--model "$MODEL" --mode both --no-log-both $LIMITS_EVAL --num-envs "$NUM_ENVS" --max-rows "$NUM_ENVS" --threads "$THREADS")
-if [ -n "$ONLINE_ALL" ]; then  # the base model online: where "both rise" starts
+if [ -n "$ONLINE_ALL$ONLINE_BASE" ]; then  # the base model online: where "both rise" starts
   timed eval_base $PY evaluate.py "${EVAL_ARGS[@]}" "${ROLLOUT_ARGS[@]}" --out "$OUT/eval/base"
 fi
 
