@@ -4,15 +4,15 @@
 #   make test    the test suite (tiny random model, real environments; 2 pytest workers; CI runs this)
 #   make demo    the whole study, small, on the embedded SmolLM2-135M (16 min on 2 CPU cores from a fresh clone, measured)
 #   make study   the study on ALFWorld, sized for 2 hours on 2 CPU cores (study.sh; resumes after a kill)
-#   make study-real ALFWORLD_DATA=DIR   the study per environment (ENVS="alfworld scienceworld bfcl"; the real ALFWorld games),
+#   make study-real ALFWORLD_DATA=DIR   the study per environment (ENVS="alfworld scienceworld bfcl bfcl_mt"; real ALFWorld games),
 #                training seeds 0 1 2, then studies/claims/ across them (ALFWorld about 6.5 h)
 #   make test-slow   end-to-end tests on the real embedded model (minutes)
 #   make bench-deps  TRL, only for bench/train_speed.py
 #   make gpu-check   the CUDA path end to end on a random-weight Qwen3-style model (bench/gpu_check.py)
 PY := .venv/bin/python
 SEED ?= 0
-ENVS ?= alfworld scienceworld bfcl
-STUDIES_REAL := studies/study_real studies/study_sciworld studies/study_bfcl  # one per environment: the claims table's columns
+ENVS ?= alfworld scienceworld bfcl bfcl_mt
+STUDIES_REAL := studies/study_real studies/study_sciworld studies/study_bfcl studies/study_bfcl_mt  # one per environment: the claims table's columns
 
 .PHONY: setup data test test-slow demo study study-real alfworld-data-given sweep bench-deps gpu-check clean
 

@@ -15,7 +15,7 @@ with one training seed there is no t interval, and the verdict says "one seed" (
     gradient      share of the action's input gradient on the prompt                         inside GRADIENT_RANGE
     k_ood         k=0.3 minus k=0, paired by game, out of domain: online CoT-mode score
                   (offline CoT accuracy where no rollout has success to move)                > 0
-Online score is the environment's partial credit (ScienceWorld), the share of turns passed (multi-turn BFCL), or
+Online score is the environment's partial credit (ScienceWorld), the share of leading turns passed (multi-turn BFCL), or
 success itself (ALFWorld, single-turn BFCL).
 """
 import re

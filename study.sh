@@ -14,6 +14,8 @@
 #     About 6.5 h on 2 cores (measured).
 #   ENV=scienceworld: 2 train variations per in-domain task, 3 test variations per task (gold path up to 60 steps);
 #     out of domain the last task of each topic; SEEDS="0 1 2"; the base model rolled out too (ONLINE_BASE).
+#   ENV=bfcl_mt: multi-turn BFCL, in domain multi_turn_base, out of domain multi_turn_long_context (the paper's
+#     BFCL setting); 48 train entries, every test entry; SEEDS="0 1 2"; the base model rolled out too.
 #   ENV=bfcl: single-turn BFCL, in domain simple/multiple/parallel/parallel_multiple, out of domain the
 #     live_* categories; SEEDS="0 1 2". One step per item, so online is cheap: the first seed's runs (and the
 #     base model) are rolled out at every checkpoint (ONLINE_ALL), the paper's "stays flat" measured online.
@@ -25,6 +27,7 @@
 #   ALFWORLD_DATA=~/alfworld_data bash study.sh            (the real-games study, 3 seeds)
 #   ENV=scienceworld bash study.sh                         (make study-real ENVS=scienceworld)
 #   ENV=bfcl bash study.sh                                 (make study-real ENVS=bfcl)
+#   ENV=bfcl_mt bash study.sh                              (make study-real ENVS=bfcl_mt)
 #   SEED=1 OUT=results/study_seed1 bash study.sh
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -99,7 +102,23 @@ case $ENV in
     # Train actions run to 15 tokens, thoughts to 57 (bench/token_lengths.py): the ALFWorld limits hold.
     LIMITS_PROBE="--max-thought-tokens 80"
     LIMITS_EVAL="--max-thought-tokens 96";;
-  *) echo "error: ENV=$ENV: expected alfworld, scienceworld or bfcl" >&2; exit 2;;
+  bfcl_mt)
+    # Sizes and why: studies/study_bfcl_mt/README.md. Online the measure is the share of turns passed.
+    EPISODES=${EPISODES:-64}        # entries per split and mode (at most; all 46 in domain, all 48 out)
+    DATA=${DATA:-data/study_bfcl_mt}
+    OUT=${OUT:-results/study_bfcl_mt}
+    SEEDS=${SEEDS:-"0 1 2"}
+    DATA_ARGS=(--bfcl-mt-train "${TRAIN_ITEMS:-48}" --bfcl-mt-test 0)  # about 445 steps: 56 optimizer steps
+    SAVE_STEPS=${SAVE_STEPS:-10,25}
+    PROBE_ALL=${PROBE_ALL:-"0.0 0.3"}
+    PROBE_LAST=${PROBE_LAST:-1}
+    ONLINE_BASE=${ONLINE_BASE:-1}
+    EXPERT_ENVS=1
+    # All the base and long-context entries' actions: median 11 tokens, longest 89 in domain (one of 1,165 out of
+    # domain); thoughts up to 116 (bench/token_lengths.py).
+    LIMITS_PROBE="--max-action-tokens 96 --max-thought-tokens 224"
+    LIMITS_EVAL=$LIMITS_PROBE;;
+  *) echo "error: ENV=$ENV: expected alfworld, scienceworld, bfcl or bfcl_mt" >&2; exit 2;;
 esac
 mkdir -p "$OUT"
 stage() { printf '\n== [%s] %s\n' "$(date +%H:%M:%S)" "$*"; }
