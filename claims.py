@@ -173,6 +173,15 @@ def rule():
     return __doc__.split("\n\n")[1].strip().replace("\n", " ")
 
 
+def verdicts(rows, envs):
+    """Markdown: the verdicts alone, a row per claim and a column per environment (the README's table)."""
+    by = {(r["claim"], r["env"]): r["verdict"] for r in rows}
+    lines = ["| claim (PAPER.md) | " + " | ".join(ENV_NAMES.get(e, e) for e in envs) + " |", "|" + "---|" * (len(envs) + 1)]
+    lines += [f"| {statement} | " + " | ".join(by.get((claim, e), "not measured") for e in envs) + " |"
+              for claim, statement in CLAIMS.items()]
+    return "\n".join(lines)
+
+
 def table(rows, envs):
     """Markdown: a row per claim, a column per environment (verdict and measure), the paper's figures beside."""
     by = {(r["claim"], r["env"]): r for r in rows}

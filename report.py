@@ -42,7 +42,8 @@ parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
 parser.add_argument("--combine", nargs="+", metavar="STUDY",
                     help="instead: set the claims.csv of these study folders (studies/<study>, one environment each) side "
                          "by side, a column per environment, into --combine-out")
-parser.add_argument("--combine-out", default="studies/claims", help="folder --combine writes results.md and claims.csv to")
+parser.add_argument("--combine-out", default="studies/claims",
+                    help="folder --combine writes results.md, claims.csv and verdicts.md (the verdicts alone) to")
 args = parser.parse_args()
 
 import matplotlib  # noqa: E402
@@ -90,7 +91,8 @@ if args.combine:  # the claims table across environments, from committed study f
     provenance.claim_output(args.combine_out, fail)
     jsonio.write_text_atomic(os.path.join(args.combine_out, "results.md"), text)
     jsonio.write_csv_atomic(os.path.join(args.combine_out, "claims.csv"), rows)
-    print(f"claims of {', '.join(envs)} -> {args.combine_out}/results.md")
+    jsonio.write_text_atomic(os.path.join(args.combine_out, "verdicts.md"), claims.verdicts(rows, envs) + "\n")
+    print(f"claims of {', '.join(envs)} -> {args.combine_out}/results.md, verdicts.md")
     sys.exit(0)
 
 OUT = os.path.join(args.results, "report")

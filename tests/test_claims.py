@@ -124,6 +124,9 @@ def test_combine_sets_environments_side_by_side_and_refuses_two_studies_of_one(t
     assert "| consistency (prompt action = CoT action) rises | **supported**: +0.30" in text
     assert "**contradicted**" in text and "not measured" in text  # the other claims
     assert (out / "claims.csv").exists()
+    short = (out / "verdicts.md").read_text().splitlines()  # the README's table: verdicts alone
+    assert short[0] == "| claim (PAPER.md) | ALFWorld | BFCL single-turn |" and len(short) == 2 + len(claims.CLAIMS)
+    assert "| consistency (prompt action = CoT action) rises | supported | contradicted |" in short
     r = run("report.py", "--combine", str(tmp_path / "b"), str(tmp_path / "c"), "--combine-out", str(out), check=False)
     assert r.returncode != 0 and "one study per environment" in r.stderr
     (tmp_path / "c" / "claims.csv").write_text("env,claim\nbfcl,consistency\n")

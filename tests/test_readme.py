@@ -1,7 +1,7 @@
 """The README's results are traceable: every number in a block marked `<!-- numbers: studies/<study> -->` ...
 `<!-- /numbers -->` is found, at the precision the README writes it, in that study's committed results.md or
-CSVs, and every figure the README shows is a committed file. A rerun that changes a number fails here until the
-README follows."""
+CSVs, and every figure the README shows is a committed file; the claims table is the combined report's
+verdicts.md. A rerun that changes a number or a verdict fails here until the README follows."""
 import csv
 import os
 import re
@@ -47,6 +47,16 @@ def test_every_marked_number_is_in_its_study_and_every_figure_is_committed():
         assert not missing, f"README numbers not in {study}: {missing}"
     for path in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", readme):
         assert os.path.isfile(os.path.join(ROOT, path)), f"README shows {path}, which is not committed"
+
+
+def test_the_claims_table_is_the_combined_reports_verdicts():
+    """The README's claims table is studies/claims/verdicts.md as report.py --combine last wrote it."""
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    blocks = re.findall(r"<!-- verdicts: (\S+) -->\n(.*?)<!-- /verdicts -->", readme, re.S)
+    assert len(blocks) == 1, "README.md needs one <!-- verdicts: FILE --> block"
+    path, table = blocks[0]
+    with open(os.path.join(ROOT, path)) as f:
+        assert table == f.read(), f"README's claims table differs from {path}: paste it again"
 
 
 def test_the_check_fails_on_a_number_a_rerun_changed(tmp_path):
