@@ -48,3 +48,11 @@ def test_bfcl_study_end_to_end_and_resumed(tiny_model, tmp_path):
     again = stages(tmp_path)[len(ran):]
     assert not any(s.startswith("train") for s in again) and "data" not in again
     assert (folder / "results.md").read_text() == before
+
+
+def test_an_unknown_environment_is_refused_in_one_line(tmp_path):
+    env = dict(os.environ, ENV="webshop", PY=sys.executable, DATA=str(tmp_path / "data"), OUT=str(tmp_path / "results"))
+    proc = subprocess.run(["bash", "study.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: ENV=webshop: expected alfworld, scienceworld, bfcl or bfcl_mt"
+    assert not (tmp_path / "results").exists()
