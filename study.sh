@@ -88,7 +88,7 @@ case $ENV in
     LIMITS_EVAL=$LIMITS_PROBE;;
   scienceworld)
     # Sizes and why: studies/study_sciworld/README.md. Online the measure is the score (partial credit), success beside it.
-    EPISODES=${EPISODES:-64}        # episodes per split and mode (at most; 3 per task is about 45 in domain, 21 out)
+    EPISODES=${EPISODES:-64}        # episodes per split and mode (at most; 3 per task gave 50 in domain, 21 out)
     DATA=${DATA:-data/study_sciworld}
     OUT=${OUT:-results/study_sciworld}
     SEEDS=${SEEDS:-"0 1 2"}
