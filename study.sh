@@ -53,11 +53,8 @@ case $ENV in
       [ -d "$ALFWORLD_DATA" ] || { echo "error: ALFWORLD_DATA=$ALFWORLD_DATA is not a folder" >&2; exit 2; }
       DATA=${DATA:-data/study_real}
       OUT=${OUT:-results/study_real}
-      SEEDS=${SEEDS:-"0 1 2"}       # training seeds: LoRA init, masking draw, batch order (same data)
       DATA_ARGS=(--alfworld-data "$ALFWORLD_DATA" --alfworld-train-per-type "${TRAIN_PER_TYPE:-40}" --alfworld-test-per-type 16)
       SAVE_STEPS=${SAVE_STEPS:-8,16,33,66}
-      PROBE_ALL=${PROBE_ALL:-"0.0 0.3"}  # the first seed's runs whose every checkpoint is probed
-      PROBE_LAST=${PROBE_LAST:-1}
     else
       DATA=${DATA:-data/study}
       OUT=${OUT:-results/study}
@@ -75,11 +72,8 @@ case $ENV in
     EPISODES=${EPISODES:-190}       # items rolled out per split: every in-domain test item, as many out of domain
     DATA=${DATA:-data/study_bfcl}
     OUT=${OUT:-results/study_bfcl}
-    SEEDS=${SEEDS:-"0 1 2"}
     DATA_ARGS=(--bfcl-train "${TRAIN_ITEMS:-400}" --bfcl-test "${TEST_ITEMS:-400}")  # 1 epoch: 50 steps
     SAVE_STEPS=${SAVE_STEPS:-10,25}
-    PROBE_ALL=${PROBE_ALL:-"0.0 0.3"}
-    PROBE_LAST=${PROBE_LAST:-1}
     ONLINE_ALL=${ONLINE_ALL:-"0.0 0.3"}
     EXPERT_ENVS=1
     # A call list runs long (the study's train actions: median 31 tokens, 95th percentile 105, longest 195;
@@ -91,12 +85,9 @@ case $ENV in
     EPISODES=${EPISODES:-64}        # episodes per split and mode (at most; 3 per task gave 50 in domain, 21 out)
     DATA=${DATA:-data/study_sciworld}
     OUT=${OUT:-results/study_sciworld}
-    SEEDS=${SEEDS:-"0 1 2"}
     DATA_ARGS=(--sciworld-train-per-task "${TRAIN_PER_TASK:-2}" --sciworld-test-per-task "${TEST_PER_TASK:-3}"
                --sciworld-tasks "${SCIWORLD_TASKS:-all}")
     SAVE_STEPS=${SAVE_STEPS:-10,30}  # and the last (about 85 steps)
-    PROBE_ALL=${PROBE_ALL:-"0.0 0.3"}
-    PROBE_LAST=${PROBE_LAST:-1}
     ONLINE_BASE=${ONLINE_BASE:-1}   # the base model online too: where "both rise" starts, on score
     EXPERT_ENVS=4
     # Train actions run to 15 tokens, thoughts to 57 (bench/token_lengths.py): the ALFWorld limits hold.
@@ -107,11 +98,8 @@ case $ENV in
     EPISODES=${EPISODES:-64}        # entries per split and mode (at most; all 46 in domain, all 48 out)
     DATA=${DATA:-data/study_bfcl_mt}
     OUT=${OUT:-results/study_bfcl_mt}
-    SEEDS=${SEEDS:-"0 1 2"}
     DATA_ARGS=(--bfcl-mt-train "${TRAIN_ITEMS:-48}" --bfcl-mt-test 0)  # about 445 steps: 56 optimizer steps
     SAVE_STEPS=${SAVE_STEPS:-10,25}
-    PROBE_ALL=${PROBE_ALL:-"0.0 0.3"}
-    PROBE_LAST=${PROBE_LAST:-1}
     ONLINE_BASE=${ONLINE_BASE:-1}
     EXPERT_ENVS=1
     # All the base and long-context entries' actions: median 11 tokens, longest 89 in domain (one of 1,165 out of
@@ -120,6 +108,10 @@ case $ENV in
     LIMITS_EVAL=$LIMITS_PROBE;;
   *) echo "error: ENV=$ENV: expected alfworld, scienceworld, bfcl or bfcl_mt" >&2; exit 2;;
 esac
+# Every study but the generated-games one (which sets its own above):
+SEEDS=${SEEDS:-"0 1 2"}             # training seeds: LoRA init, masking draw, batch order (same data)
+PROBE_ALL=${PROBE_ALL:-"0.0 0.3"}   # the first seed's runs whose every checkpoint is probed
+PROBE_LAST=${PROBE_LAST:-1}         # 1: also probe the last checkpoint of the other runs
 mkdir -p "$OUT"
 stage() { printf '\n== [%s] %s\n' "$(date +%H:%M:%S)" "$*"; }
 # timed NAME CMD...: run CMD, append "NAME seconds peak_rss_kb" to stages.tsv (a resumed stage adds a line)
