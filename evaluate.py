@@ -8,7 +8,7 @@ With --log-both (default) every step also records what the other mode would have
 state, so CoT-vs-prompt agreement is measured on-policy. --policy expert / random give the ceiling and
 the floor. --num-envs environments run in lockstep, each in its own worker process (python -m envs --serve);
 each step's prompts go through one batched pass (decode.run_branches: left padding, KV cache). Finished
-episodes are replaced by new ones. A worker that crashes or hangs (--step-timeout) is restarted and
+episodes are replaced by new ones, longest first prompt first (--order), so a batch pads little. A worker that crashes or hangs (--step-timeout) is restarted and
 the episode retried once, then recorded with its error. An invalid or empty action is sent as is.
 
 Writes to --out: episodes.jsonl (one line per episode, appended and flushed; a rerun skips ids
@@ -76,6 +76,9 @@ parser.add_argument("--max-len", type=int, default=0, help="most tokens of a pro
                                                           "the run with an error naming the episode (0 = the model's context)")
 # run
 parser.add_argument("--num-envs", type=int, default=8, help="environments stepping in lockstep (worker processes)")
+parser.add_argument("--order", default="length", choices=["length", "file"],
+                    help="the order episodes take the lockstep slots: length (longest first prompt first, so a batch holds "
+                         "prompts of similar length) or file; speed only")
 parser.add_argument("--step-timeout", type=float, default=120.0, help="seconds an env reset/step may take before its worker is restarted")
 parser.add_argument("--worker-cmd", default="", help="environment worker command (default: this python, python -m envs --serve)")
 parser.add_argument("--seed", type=int, default=0, help="episode sample, random policy, bootstrap")
@@ -106,6 +109,9 @@ def fail(msg):
 
 
 # ----------------------------------------------------------------------------- episodes
+
+PROMPT_CHARS = {}  # (split, task id) -> characters of its first prompt in the step data: the queue's order
+
 
 def load_tasks():
     """Task dicts of the test episodes named by the step data, per env and split, in file order."""
@@ -145,6 +151,8 @@ def load_tasks():
                 if not isinstance(r["task_id"], str):
                     fail(f"{path}:{lineno}: field 'task_id' must be a string, got {type(r['task_id']).__name__}")
             expert_steps = collections.Counter(r["task_id"] for _, r in numbered)
+            for _, r in numbered:
+                PROMPT_CHARS.setdefault((split, r["task_id"]), len(json.dumps(r.get("messages"))))
             TEST_FILES.append(path)
             ids = list(expert_steps)  # file order
             if args.max_episodes and len(ids) > args.max_episodes:
@@ -614,7 +622,11 @@ if world > 1:
     lm.barrier(world)
 done = {r["id"] for r in latest(jsonio.read_done_all(out_path)) if not r["errored"]}  # errored episodes run again
 # A task's modes side by side: its episodes start in one batch and share their first prompt's pass (HFPolicy.act).
-todos = [[ep for t in tasks for mode in modes for ep in [new_episode(t, mode, ckpt)] if ep["id"] not in done][rank::world]
+# Longest first prompt first: a lockstep batch then holds prompts of similar length, and its decode attends over
+# little padding (every row of a batch is as wide as its longest prompt). Which episodes share a batch changes
+# speed only, as --num-envs does.
+queue = sorted(tasks, key=lambda t: -PROMPT_CHARS[t["split"], t["id"]]) if args.order == "length" else tasks
+todos = [[ep for t in queue for mode in modes for ep in [new_episode(t, mode, ckpt)] if ep["id"] not in done][rank::world]
          for ckpt in ckpts]
 # The workers start first: they import and build their environments while this process loads the model.
 workers = [Worker({t["env"] for t in tasks}) for _ in range(min(args.num_envs, max(map(len, todos), default=0)))]

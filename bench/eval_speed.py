@@ -7,10 +7,13 @@ Runs evaluate.py as subprocesses on the same episodes:
   batched     --backend hf --num-envs N         the same, N environments in lockstep, one batch per step
   apart       --backend hf --num-envs N, --mode prompt and --mode cot as two processes (with --mode both):
               the order before f855177, each mode its own prompt pass, against batched's one pass per state
+  fileorder   --backend hf --num-envs N --order file: episodes take the lockstep slots in file order, against
+              batched's longest first prompt first (less padding in a batch)
 (--runs picks which; the others are checked against the first one made), checks that every episode's
 transcript (model outputs and actions) is the same in all of them, and prints episodes per minute and the
 ratios: batched vs reference is the headline, batched vs sequential is what lockstep batching alone buys,
-batched vs apart what sharing a state's prompt pass between the modes buys. Times are whole processes
+batched vs apart what sharing a state's prompt pass between the modes buys, batched vs fileorder what
+ordering the queue by prompt length buys. Times are whole processes
 (interpreter, imports, workers, model load, episodes; apart pays the start-up twice).
 
     python bench/eval_speed.py --split id_test,ood_test --mode both --max-episodes 16 --max-steps 4
@@ -42,14 +45,16 @@ parser.add_argument("--no-log-both", action="store_true", help="act in --mode on
 parser.add_argument("--num-envs", type=int, default=8, help="parallel environments of the batched run")
 parser.add_argument("--threads", type=int, default=2, help="torch CPU threads, both runs")
 parser.add_argument("--device", default="cpu", help="as in evaluate.py")
-parser.add_argument("--runs", default="reference,sequential,batched", help="which runs (reference,sequential,batched,apart)")
+parser.add_argument("--runs", default="reference,sequential,batched",
+                    help="which runs (reference,sequential,batched,apart,fileorder)")
 args = parser.parse_args()
 
 
-def evaluate(backend, num_envs, out, mode=None):
+def evaluate(backend, num_envs, out, mode=None, order="length"):
     cmd = [sys.executable, "evaluate.py", "--backend", backend, "--model", args.model, "--data", args.data, "--env", args.env,
            "--split", args.split, "--mode", mode or args.mode,
            "--max-episodes", str(args.max_episodes), "--max-steps", str(args.max_steps), "--num-envs", str(num_envs),
+           "--order", order,
            "--max-thought-tokens", str(args.max_thought_tokens), "--max-action-tokens", str(args.max_action_tokens),
            "--threads", str(args.threads), "--device", args.device,
            "--out", out]
@@ -79,6 +84,9 @@ if "apart" in args.runs.split(","):
     parts = [evaluate("hf", args.num_envs, os.path.join(tmp, f"apart_{mode}"), mode) for mode in ("prompt", "cot")]
     runs["apart"] = (sum(t for t, _ in parts), {k: v for _, recs in parts for k, v in recs.items()})
     print(f"apart: {runs['apart'][0]:.1f} s", flush=True)
+if "fileorder" in args.runs.split(","):
+    runs["fileorder"] = evaluate("hf", args.num_envs, os.path.join(tmp, "fileorder"), order="file")
+    print(f"fileorder: {runs['fileorder'][0]:.1f} s", flush=True)
 
 
 def steps_of(rec):
@@ -93,7 +101,8 @@ n = len(ref)
 sec = {name: r[0] for name, r in runs.items()}
 print(", ".join(f"{name} {60 * n / t:.2f} ep/min ({t:.0f} s)" for name, t in sec.items()))
 ratios = [f"{a} vs {b} {sec[b] / sec[a]:.2f}x" for a, b in [("batched", "reference"), ("batched", "sequential"),
-                                                           ("sequential", "reference"), ("batched", "apart")]
+                                                           ("sequential", "reference"), ("batched", "apart"),
+                                                           ("batched", "fileorder")]
           if a in sec and b in sec]
 print(f"{'; '.join(ratios)} (batched: {args.num_envs} envs); {n} episodes of {args.env} {args.split} mode {args.mode}"
       f"{' (no log-both)' if args.no_log_both else ' (with log-both)'}, {len(differ)} transcripts differ")
