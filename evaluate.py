@@ -8,8 +8,9 @@ With --log-both (default) every step also records what the other mode would have
 state, so CoT-vs-prompt agreement is measured on-policy. --policy expert / random give the ceiling and
 the floor. --num-envs environments run in lockstep, each in its own worker process (python -m envs --serve);
 each step's prompts go through one batched pass (decode.run_branches: left padding, KV cache). Finished
-episodes are replaced by new ones, longest first prompt first (--order), so a batch pads little. A worker that crashes or hangs (--step-timeout) is restarted and
-the episode retried once, then recorded with its error. An invalid or empty action is sent as is.
+episodes are replaced by new ones, longest first prompt first (--order), so a batch pads little. A worker
+that crashes or hangs (--step-timeout) is restarted and the episode retried once, then recorded with its
+error. An invalid or empty action is sent as is.
 
 Writes to --out: episodes.jsonl (one line per episode, appended and flushed; a rerun skips ids
 already there), summary.jsonl and summary.csv (success, score, steps, invalid actions and on-policy
